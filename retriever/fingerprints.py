@@ -1,0 +1,57 @@
+"""Content fingerprints that tie a datastore to the model and tokenizer it was built with.
+
+A chunk datastore stores token ids of the serving model's tokenizer, so a server must refuse a
+datastore built with another tokenizer; a token (kNN-LM) datastore stores hidden states, so it also
+needs the same weights. Both fingerprints are sha256 over file contents, never over paths or times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# Files that define a tokenizer's behaviour, hashed in this order when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def _hash_files(paths: list[Path], digest: "hashlib._Hash") -> None:
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the tokenizer files of a model directory (prefixed 'tok-sha256:')."""
+    model_dir = Path(model_dir)
+    files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if not files:
+        raise FileNotFoundError(
+            f"{model_dir} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+            "prepare the model with `retroserve model prepare`"
+        )
+    digest = hashlib.sha256()
+    _hash_files(files, digest)
+    return "tok-sha256:" + digest.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the weight files and the tokenizer of a model directory (prefixed 'model-sha256:')."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise FileNotFoundError(f"{model_dir} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    digest = hashlib.sha256()
+    _hash_files(weights, digest)
+    digest.update(tokenizer_fingerprint(model_dir).encode())
+    return "model-sha256:" + digest.hexdigest()
