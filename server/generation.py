@@ -1,0 +1,270 @@
+"""The RETRO-style generation loop: generate `stride` tokens, retrieve, re-prompt, repeat.
+
+One user request becomes a sequence of engine segments. Before each segment (chunk mode) the last
+`query_tokens` tokens of prompt+output form a query; its k neighbours, fetched through the
+cross-request batcher, are laid out in the context (server/context.py) and the engine continues
+for up to `stride` tokens. Concurrent requests share engine batches (vLLM continuous batching)
+and retrieval batches (the batcher). Stop sequences and the time limit are enforced here, across
+segment boundaries, and the engine request is aborted whenever the loop ends early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server import context
+from server.engine import Engine, SegmentSampling
+
+log = logging.getLogger(__name__)
+
+SEPARATOR_TEXT = "\n\n"
+
+
+class StopReason:
+    MAX_TOKENS = "MAX_TOKENS"
+    EOS_TOKEN = "EOS_TOKEN"
+    STOP_SEQUENCE = "STOP_SEQUENCE"
+    TIME_LIMIT = "TIME_LIMIT"
+    CANCELLED = "CANCELLED"
+    ERROR = "ERROR"
+
+
+@dataclass
+class RetrievalEvent:
+    """One retrieval and the output span [start_token, end_token) it informed."""
+
+    query_text: str
+    start_token: int
+    end_token: int
+    start_char: int = 0
+    end_char: int = 0
+    neighbours: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class GenerationDelta:
+    """What a streaming client receives: new text/tokens, and retrievals as they happen."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    retrievals: list[RetrievalEvent] = field(default_factory=list)
+    result: "GenerationResult | None" = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_tokens: int
+    stop_reason: str
+    stop_sequence: str | None
+    seed: int | None
+    retrievals: list[RetrievalEvent]
+    ttft_s: float | None
+    total_s: float
+    retrieval_s: float
+    engine_prompt_tokens: int
+    """Prompt tokens the engine was given over all segments (re-prefills included)."""
+    cached_prompt_tokens: int
+    """Of those, tokens served from vLLM's prefix cache."""
+
+
+@dataclass
+class LoopSettings:
+    """The resolved per-request knobs the loop needs (validation fills them from the request)."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_sequences: Sequence[str] = ()
+    include_stop_sequence: bool = False
+    time_limit_s: float | None = None
+    retrieval_mode: str = "none"
+    neighbours: int = 2
+    stride: int = 16
+    query_tokens: int = 32
+    layout: str = "prepend"
+    return_logprobs: bool = False
+
+
+class Generator:
+    """Runs generation requests against one engine and (optionally) one retrieval batcher."""
+
+    def __init__(self, engine: Engine, batcher=None, metrics=None):
+        self.engine = engine
+        self.batcher = batcher
+        self.metrics = metrics
+        self.separator_ids = engine.tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    async def retrieve(self, query_ids: Sequence[int], k: int) -> tuple[str, list[Any], float]:
+        query_text = self.decode(query_ids)
+        start = time.perf_counter()
+        neighbours = await self.batcher.retrieve(query_text, k)
+        return query_text, list(neighbours), time.perf_counter() - start
+
+    async def generate(self, settings: LoopSettings, request_id: str) -> AsyncIterator[GenerationDelta]:
+        """Yield deltas; the last one carries `result`. Cancellation aborts the engine request."""
+        started = time.perf_counter()
+        deadline = started + settings.time_limit_s if settings.time_limit_s else None
+        prompt_ids = self.tokenize(settings.prompt)
+        use_retrieval = settings.retrieval_mode == "chunk"
+        if use_retrieval and self.batcher is None:
+            raise RuntimeError("chunk retrieval requested but the server has no datastore")
+        seed = settings.seed
+        if seed is None and settings.temperature > 0:
+            seed = random.randrange(2**31)
+
+        generated: list[int] = []
+        logprobs: list[float] = []
+        retrievals: list[RetrievalEvent] = []
+        emitted_chars = 0
+        ttft = None
+        retrieval_s = 0.0
+        engine_prompt_tokens = cached_tokens = 0
+        stop_reason = None
+        stop_sequence = None
+        final_text = ""
+        max_stop = max((len(s) for s in settings.stop_sequences), default=0)
+        segment = 0
+        neighbours: list[Any] = []
+
+        while stop_reason is None:
+            remaining = settings.max_new_tokens - len(generated)
+            span = min(settings.stride, remaining) if use_retrieval else remaining
+            pending: list[RetrievalEvent] = []
+            if use_retrieval:
+                history = prompt_ids + generated
+                query_ids = history[-settings.query_tokens :]
+                query_text, neighbours, seconds = await self.retrieve(query_ids, settings.neighbours)
+                retrieval_s += seconds
+                event = RetrievalEvent(
+                    query_text, len(generated), len(generated), neighbours=neighbours, seconds=seconds
+                )
+                retrievals.append(event)
+                pending.append(event)
+            built = context.build_context(
+                prompt_ids,
+                generated,
+                neighbours if use_retrieval else [],
+                self.separator_ids,
+                self.engine.max_model_len - span,
+                layout=settings.layout,
+            )
+            engine_prompt_tokens += len(built.token_ids)
+            sampling = SegmentSampling(
+                max_tokens=span,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                seed=None if seed is None else (seed + 1_000_003 * segment) % (2**31),
+                logprobs=settings.return_logprobs,
+            )
+            segment_tokens = 0
+            finish_reason = None
+            try:
+                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
+                    async for delta in self.engine.generate_segment(
+                        built.token_ids, sampling, f"{request_id}-{segment}"
+                    ):
+                        if delta.num_cached_tokens is not None and segment_tokens == 0 and delta.token_ids:
+                            cached_tokens += delta.num_cached_tokens
+                        if delta.token_ids and ttft is None:
+                            ttft = time.perf_counter() - started
+                        generated.extend(delta.token_ids)
+                        segment_tokens += len(delta.token_ids)
+                        if delta.logprobs:
+                            logprobs.extend(delta.logprobs)
+                        text = self.decode(generated)
+                        hit = _find_stop(text, settings.stop_sequences, emitted_chars, max_stop)
+                        if hit is not None:
+                            index, stop_sequence = hit
+                            final_text = text[: index + (len(stop_sequence) if settings.include_stop_sequence else 0)]
+                            stop_reason = StopReason.STOP_SEQUENCE
+                            break
+                        safe_end = len(text) - (max_stop - 1 if max_stop else 0)
+                        if text.endswith("\ufffd"):
+                            safe_end = min(safe_end, len(text) - 1)
+                        out = GenerationDelta(token_ids=list(delta.token_ids), retrievals=pending)
+                        if delta.logprobs:
+                            out.logprobs = list(delta.logprobs)
+                        if safe_end > emitted_chars:
+                            out.text = text[emitted_chars:safe_end]
+                            emitted_chars = safe_end
+                        pending = []
+                        yield out
+                        if delta.finished:
+                            finish_reason = delta.finish_reason
+            except TimeoutError:
+                stop_reason = StopReason.TIME_LIMIT
+            for event in retrievals[-1:] if use_retrieval else []:
+                event.end_token = len(generated)
+            segment += 1
+            if stop_reason is not None:
+                break
+            if finish_reason == "stop":
+                stop_reason = StopReason.EOS_TOKEN
+            elif len(generated) >= settings.max_new_tokens:
+                stop_reason = StopReason.MAX_TOKENS
+            elif finish_reason == "abort":
+                stop_reason = StopReason.CANCELLED
+
+        if stop_reason != StopReason.STOP_SEQUENCE:
+            final_text = self.decode(generated)
+        if retrievals:
+            _char_spans(retrievals, generated, self.decode)
+        if self.metrics is not None:
+            self.metrics.observe_generation(len(prompt_ids), len(generated), len(retrievals), cached_tokens)
+        result = GenerationResult(
+            text=final_text,
+            token_ids=generated,
+            logprobs=logprobs,
+            prompt_tokens=len(prompt_ids),
+            stop_reason=stop_reason,
+            stop_sequence=stop_sequence,
+            seed=seed,
+            retrievals=retrievals,
+            ttft_s=ttft,
+            total_s=time.perf_counter() - started,
+            retrieval_s=retrieval_s,
+            engine_prompt_tokens=engine_prompt_tokens,
+            cached_prompt_tokens=cached_tokens,
+        )
+        tail = final_text[emitted_chars:] if len(final_text) > emitted_chars else ""
+        yield GenerationDelta(text=tail, result=result)
+
+
+def _find_stop(text: str, stops: Sequence[str], emitted: int, max_stop: int) -> tuple[int, str] | None:
+    """Earliest stop sequence in the not-yet-emitted part of the text (plus overlap)."""
+    if not stops:
+        return None
+    start = max(0, emitted - max_stop)
+    best = None
+    for stop in stops:
+        index = text.find(stop, start)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+def _char_spans(retrievals: list[RetrievalEvent], generated: list[int], decode) -> None:
+    for event in retrievals:
+        event.start_char = len(decode(generated[: event.start_token]))
+        event.end_char = len(decode(generated[: event.end_token]))
