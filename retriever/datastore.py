@@ -1,0 +1,360 @@
+"""Open a published datastore read-only and search it in batches.
+
+`Datastore.open` refuses, with a message naming the fix, anything it cannot trust: a missing or
+unparsable manifest, another schema version, missing or resized files, or (when the caller says
+which tokenizer it serves) a datastore built with another tokenizer. The FAISS index is memory-mapped
+read-only where the index type allows it (the page cache is then shared between processes), and
+moved to a GPU only when FAISS has GPU support and a device is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import lmdb
+import numpy as np
+
+from retriever import format as fmt
+
+log = logging.getLogger(__name__)
+
+REBUILD_HINT = "rebuild it with `retroserve datastore build ... --model DIR` (DIR: the served model directory)"
+
+
+class DatastoreError(RuntimeError):
+    """The datastore cannot be opened or is inconsistent; the message names the file and the fix."""
+
+
+class FingerprintMismatch(DatastoreError):
+    """The datastore was built with another tokenizer (or model) than the one being served."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    chunk_id: int
+    score: float
+    doc_id: int
+    source: str
+    title: str
+    chunk_tokens: tuple[int, ...]
+    continuation_tokens: tuple[int, ...]
+    text: str
+    continuation_text: str
+    continuation_id: int = -1
+
+
+@dataclass
+class Timing:
+    """Seconds spent per stage of one batched call (what the server exports as metrics)."""
+
+    embed: float = 0.0
+    search: float = 0.0
+    payload: float = 0.0
+    queries: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.embed + self.search + self.payload
+
+
+class BatchResults(list):
+    """list[list[Neighbour]], one list per query, plus the `timing` of the call that made it."""
+
+    def __init__(self, items=(), timing: Timing | None = None):
+        super().__init__(items)
+        self.timing = timing or Timing()
+
+
+def apply_search_params(index: faiss.Index, params: dict) -> None:
+    """Set nprobe / efSearch through any chain (PreTransform, GPU) with FAISS's ParameterSpace."""
+    if not params:
+        return
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = path / fmt.MANIFEST
+    if not path.is_dir():
+        raise DatastoreError(f"datastore {path} does not exist; build one with `retroserve datastore build`")
+    if not manifest_path.is_file():
+        raise DatastoreError(
+            f"{manifest_path} is missing, so {path} is not a complete datastore (an interrupted build?); "
+            f"{REBUILD_HINT}"
+        )
+    try:
+        manifest = fmt.read_manifest_file(manifest_path)
+    except (OSError, ValueError) as error:
+        raise DatastoreError(f"{manifest_path} is unreadable ({error}); {REBUILD_HINT}") from error
+    version = manifest.get("schema_version")
+    if version != fmt.SCHEMA_VERSION:
+        raise DatastoreError(
+            f"{path} has schema version {version!r}; this retroserve reads version {fmt.SCHEMA_VERSION}: "
+            f"{REBUILD_HINT}"
+        )
+    return manifest
+
+
+def check_files(path: Path, manifest: dict, checksums: bool = False) -> list[str]:
+    """Problems with the files the manifest lists (missing, size, and sha256 when `checksums`)."""
+    problems = []
+    files = manifest.get("files") or {}
+    for required in (fmt.INDEX_FILE, fmt.PAYLOADS_DATA):
+        if required not in files:
+            problems.append(f"{required}: not listed in manifest.json")
+    for relative, entry in sorted(files.items()):
+        file_path = path / relative
+        if not file_path.is_file():
+            problems.append(f"{relative}: missing")
+            continue
+        size = file_path.stat().st_size
+        if size != entry.get("bytes"):
+            problems.append(f"{relative}: {size} bytes, manifest says {entry.get('bytes')}")
+        elif checksums and fmt.sha256_file(file_path) != entry.get("sha256"):
+            problems.append(f"{relative}: sha256 differs from manifest.json (modified or corrupt)")
+    return problems
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "index_cpu_to_gpu") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def read_index(index_path: Path) -> tuple[faiss.Index, bool]:
+    """(index, memory_mapped): mmap + read-only where the index type supports it, else a normal read."""
+    try:
+        return faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
+    except RuntimeError as error:
+        log.debug("mmap read of %s not possible (%s); reading into memory", index_path, error)
+    try:
+        return faiss.read_index(str(index_path)), False
+    except RuntimeError as error:
+        raise DatastoreError(f"{index_path} is not a readable FAISS index ({error}); {REBUILD_HINT}") from error
+
+
+class PayloadReader:
+    """Read-only LMDB access: chunk and document records by id (documents cached, they are few)."""
+
+    def __init__(self, path: Path):
+        try:
+            self.env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
+            self.chunks_db = self.env.open_db(fmt.CHUNKS_DB, create=False)
+            self.docs_db = self.env.open_db(fmt.DOCS_DB, create=False)
+        except lmdb.Error as error:
+            raise DatastoreError(f"{path} is not a readable payload store ({error}); {REBUILD_HINT}") from error
+        self._docs: dict[int, dict] = {}
+        self._docs_lock = threading.Lock()
+
+    def count(self) -> tuple[int, int]:
+        with self.env.begin() as txn:
+            return txn.stat(self.chunks_db)["entries"], txn.stat(self.docs_db)["entries"]
+
+    def chunk(self, txn, chunk_id: int) -> dict | None:
+        raw = txn.get(fmt.encode_key(chunk_id), db=self.chunks_db)
+        return None if raw is None else fmt.loads(raw)
+
+    def doc(self, txn, doc_id: int) -> dict:
+        with self._docs_lock:
+            cached = self._docs.get(doc_id)
+        if cached is None:
+            raw = txn.get(fmt.encode_key(doc_id), db=self.docs_db)
+            cached = fmt.loads(raw) if raw is not None else {"source": "?", "title": "", "chunks": [0, 0]}
+            with self._docs_lock:
+                self._docs[doc_id] = cached
+        return cached
+
+    def iter_chunks(self):
+        """(id, record) for every chunk in id order."""
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self.chunks_db):
+                yield fmt.decode_key(key), fmt.loads(raw)
+
+    def iter_docs(self):
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self.docs_db):
+                yield fmt.decode_key(key), fmt.loads(raw)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class Datastore:
+    """A published datastore opened for reading. Thread-safe for concurrent searches."""
+
+    def __init__(self, path: Path, manifest: dict, index: faiss.Index, payloads: PayloadReader,
+                 memory_mapped: bool, on_gpu: bool, encoder=None):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.payloads = payloads
+        self.memory_mapped = memory_mapped
+        self.on_gpu = on_gpu
+        self._encoder = encoder
+        self._encoder_lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        expected_tokenizer_fingerprint: str | None = None,
+        device: str = "auto",
+        encoder=None,
+        verify_checksums: bool = False,
+        expected_model_fingerprint: str | None = None,
+    ) -> "Datastore":
+        """Open `path` read-only. device: "auto" (GPU if FAISS and hardware allow), "cpu" or "cuda".
+
+        `encoder` (a retriever.encoder.QueryEncoder) is created on first text search when not given.
+        File sizes are always checked; sha256 only with `verify_checksums` (it reads every byte).
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        if expected_tokenizer_fingerprint is not None:
+            built_with = (manifest.get("tokenizer") or {}).get("fingerprint")
+            if built_with != expected_tokenizer_fingerprint:
+                raise FingerprintMismatch(
+                    f"datastore {path} was built with tokenizer {built_with} but the served model's "
+                    f"tokenizer is {expected_tokenizer_fingerprint}: its chunk tokens would be wrong for "
+                    f"this model; {REBUILD_HINT}"
+                )
+        if expected_model_fingerprint is not None and manifest.get("mode") == "token":
+            built_with = (manifest.get("model") or {}).get("fingerprint")
+            if built_with != expected_model_fingerprint:
+                raise FingerprintMismatch(
+                    f"datastore {path} was built with model {built_with} but the served model is "
+                    f"{expected_model_fingerprint}; {REBUILD_HINT}"
+                )
+        problems = check_files(path, manifest, checksums=verify_checksums)
+        if problems:
+            raise DatastoreError(
+                f"datastore {path} is damaged: {'; '.join(problems)}; run `retroserve datastore verify "
+                f"{path}` for details and {REBUILD_HINT}"
+            )
+        if device not in ("auto", "cpu", "cuda"):
+            raise DatastoreError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        index, memory_mapped = read_index(path / fmt.INDEX_FILE)
+        on_gpu = False
+        if device == "cuda" and not _gpu_available():
+            raise DatastoreError("device 'cuda' requested but FAISS has no GPU support or no GPU is visible; "
+                                 "install faiss-gpu-cu12 (the `cuda` extra) or use device 'cpu'")
+        if device in ("auto", "cuda") and _gpu_available():
+            resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(resources, 0, index)
+            index.referenced_resources = resources  # keep the resources alive with the index
+            on_gpu, memory_mapped = True, False
+        apply_search_params(index, (manifest.get("index") or {}).get("search_params") or {})
+        payloads = PayloadReader(path / fmt.PAYLOADS_DIR)
+        log.info("opened datastore %s: %d chunks, %s%s", path, index.ntotal,
+                 (manifest.get("index") or {}).get("factory"), " (mmap)" if memory_mapped else "")
+        return cls(path, manifest, index, payloads, memory_mapped, on_gpu, encoder)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def encoder(self):
+        with self._encoder_lock:
+            if self._encoder is None:
+                from retriever.encoder import QueryEncoder
+
+                backend = (self.manifest.get("embedder") or {}).get("backend", "torch")
+                self._encoder = QueryEncoder(backend=backend)
+            return self._encoder
+
+    def set_search_params(self, **params) -> None:
+        apply_search_params(self.index, {k: v for k, v in params.items() if v is not None})
+
+    # -- search -----------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode(list(texts))
+
+    def search_embeddings(self, embeddings: np.ndarray, k: int, timing: Timing | None = None) -> BatchResults:
+        """Neighbours of each row of `embeddings` (float32 [n, 384], normalised) in one FAISS call."""
+        timing = timing or Timing()
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be [n, {self.dim}], got {list(embeddings.shape)}")
+        if k < 1:
+            raise ValueError(f"{k=} must be >= 1")
+        timing.queries = len(embeddings)
+        if len(embeddings) == 0:
+            return BatchResults([], timing)
+        k_eff = min(k, self.ntotal)
+        started = time.perf_counter()
+        scores, ids = self.index.search(embeddings, k_eff)
+        timing.search = time.perf_counter() - started
+        started = time.perf_counter()
+        results = self.fetch(ids, scores)
+        timing.payload = time.perf_counter() - started
+        return BatchResults(results, timing)
+
+    def search_texts(self, texts: Sequence[str], k: int) -> BatchResults:
+        """Embed `texts` (one encoder call) and search them (one FAISS call)."""
+        timing = Timing()
+        started = time.perf_counter()
+        embeddings = self.encode(texts)
+        timing.embed = time.perf_counter() - started
+        return self.search_embeddings(embeddings, k, timing)
+
+    def fetch(self, ids: np.ndarray, scores: np.ndarray) -> list[list[Neighbour]]:
+        """Payloads for FAISS result rows (ids of -1, i.e. fewer than k hits, are dropped)."""
+        results: list[list[Neighbour]] = []
+        with self.payloads.env.begin() as txn:
+            for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+                row = []
+                for chunk_id, score in zip(row_ids, row_scores):
+                    if chunk_id < 0:
+                        continue
+                    neighbour = self.neighbour(txn, chunk_id, score)
+                    if neighbour is not None:
+                        row.append(neighbour)
+                results.append(row)
+        return results
+
+    def neighbour(self, txn, chunk_id: int, score: float) -> Neighbour | None:
+        record = self.payloads.chunk(txn, chunk_id)
+        if record is None:
+            log.error("chunk %d is in the index but not in the payloads of %s", chunk_id, self.path)
+            return None
+        doc = self.payloads.doc(txn, record["doc"])
+        continuation = self.payloads.chunk(txn, record["next"]) if record["next"] >= 0 else None
+        return Neighbour(
+            chunk_id=chunk_id,
+            score=float(score),
+            doc_id=record["doc"],
+            source=doc.get("source", ""),
+            title=doc.get("title", ""),
+            chunk_tokens=tuple(record["tokens"]),
+            continuation_tokens=tuple(continuation["tokens"]) if continuation else (),
+            text=record["text"],
+            continuation_text=continuation["text"] if continuation else "",
+            continuation_id=record["next"],
+        )
+
+    def get_chunks(self, chunk_ids: Sequence[int]) -> list[Neighbour | None]:
+        """Neighbour records (score 0) for given ids, e.g. to show what a retrieval log points at."""
+        with self.payloads.env.begin() as txn:
+            return [self.neighbour(txn, int(i), 0.0) for i in chunk_ids]
+
+    def close(self) -> None:
+        self.payloads.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

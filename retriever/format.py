@@ -1,0 +1,59 @@
+"""Names and encodings of the on-disk datastore format (docs/datastore_format.md), in one place.
+
+The reader (`retriever`) and the writer (`datastore_tools`) both import this module, so the two
+sides cannot drift apart; the writer depends on the reader, never the other way round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+PAYLOADS_DIR = "payloads.lmdb"
+PAYLOADS_DATA = "payloads.lmdb/data.mdb"
+EMBEDDINGS_FILE = "embeddings.npy"
+CHUNKS_DB = b"chunks"
+DOCS_DB = b"docs"
+EMBEDDER_NAME = "all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+
+
+def encode_key(value: int) -> bytes:
+    """LMDB keys are 8-byte big-endian so byte order equals numeric order (cursor scans are sorted)."""
+    return struct.pack(">Q", value)
+
+
+def decode_key(key: bytes) -> int:
+    return struct.unpack(">Q", key)[0]
+
+
+def dumps(record: dict[str, Any]) -> bytes:
+    """Compact, key-sorted JSON: the same record always gives the same bytes (reproducible builds)."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+def loads(raw: bytes) -> dict[str, Any]:
+    return json.loads(raw)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest_file(path: Path) -> dict[str, Any]:
+    """Parse manifest.json; raises OSError / ValueError for the caller to turn into its own error."""
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    if not isinstance(manifest, dict):
+        raise ValueError("manifest.json is not a JSON object")
+    return manifest
