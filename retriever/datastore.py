@@ -305,8 +305,9 @@ class Datastore:
     def search_texts(self, texts: Sequence[str], k: int) -> BatchResults:
         """Embed `texts` (one encoder call) and search them (one FAISS call)."""
         timing = Timing()
+        encoder = self.encoder  # loaded on first use; not counted as embedding time
         started = time.perf_counter()
-        embeddings = self.encode(texts)
+        embeddings = encoder.encode(list(texts))
         timing.embed = time.perf_counter() - started
         return self.search_embeddings(embeddings, k, timing)
 

@@ -1,0 +1,294 @@
+"""`retroserve datastore <command>`: argument definitions and runners, wired by server/cli.py.
+
+Each command has `add_<cmd>_arguments(parser)` and `run_<cmd>(args) -> int`. User-fixable problems
+(DatastoreToolError, retriever.DatastoreError) print `error: ...` on stderr and return 2;
+`verify` returns 1 when it finds problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "build": "build a datastore from files, folders and/or the built-in corpus",
+    "info": "show a datastore's manifest summary, sizes and counts",
+    "verify": "check checksums and index/payload consistency",
+    "search": "query a datastore with text",
+    "prune": "write a copy without duplicate / never-retrieved chunks",
+    "reduce": "write a copy re-encoded to fewer dimensions with PCA",
+}
+
+
+def _handles_errors(run):
+    """Map user-fixable errors to exit code 2 with one `error:` line."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        from datastore_tools.errors import DatastoreToolError
+        from retriever.datastore import DatastoreError
+        from retriever.encoder import EncoderError
+
+        try:
+            return run(args)
+        except (DatastoreToolError, DatastoreError, EncoderError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _default_model_dir() -> Path:
+    from server import paths
+
+    return paths.default_model_dir()
+
+
+# ---- build -------------------------------------------------------------------------------------
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    from retriever.encoder import BACKENDS, DEFAULT_BACKEND
+
+    parser.add_argument("inputs", nargs="*", type=Path, help="files or folders (.txt .md .rst .html .htm .jsonl)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="datastore directory to publish (default: the server's default datastore)")
+    parser.add_argument("--default-corpus", action="store_true", help="include pydoc_data.topics (Python reference)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serving model directory whose tokenizer cuts the chunks (default: the prepared model)")
+    parser.add_argument("--chunk-tokens", type=int, default=64)
+    parser.add_argument("--index", default=None, help="FAISS factory string, e.g. Flat, HNSW32,Flat, IVF512,PQ96 "
+                        "(default: chosen by size)")
+    parser.add_argument("--pca", type=int, default=None, help="reduce embeddings to DIM with PCA in the index")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF probes stored as the search default")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch stored as the search default")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--jsonl-field", default="text")
+    parser.add_argument("--on-undecodable", choices=("skip", "replace", "fail"), default="skip",
+                        help="files that are not UTF-8: skip with a warning, replace bad bytes, or fail")
+    parser.add_argument("--embedder-backend", choices=BACKENDS, default=DEFAULT_BACKEND)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--shard-size", type=int, default=1024, help="chunks per resumable checkpoint")
+    parser.add_argument("--no-embeddings", dest="keep_embeddings", action="store_false",
+                        help="do not store raw fp16 embeddings (prune/reduce will re-embed)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--force", action="store_true", help="replace an existing datastore")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+@_handles_errors
+def run_build(args: argparse.Namespace) -> int:
+    from datastore_tools.build import BuildConfig, build_datastore
+    from datastore_tools.errors import DatastoreToolError
+    from server import paths
+
+    if not args.inputs and not args.default_corpus:
+        raise DatastoreToolError("nothing to index: pass files or folders, or --default-corpus")
+    model_dir = args.model or _default_model_dir()
+    if args.model is None and not model_dir.is_dir():
+        raise DatastoreToolError(
+            f"no model at {model_dir}: run `retroserve model prepare` first or pass --model DIR"
+        )
+    config = BuildConfig(
+        output=args.output or paths.default_datastore_dir(), model_dir=model_dir, inputs=list(args.inputs),
+        default_corpus=args.default_corpus, chunk_tokens=args.chunk_tokens, index=args.index, pca=args.pca,
+        nprobe=args.nprobe, ef_search=args.ef_search, seed=args.seed, jsonl_field=args.jsonl_field,
+        on_undecodable=args.on_undecodable, embedder_backend=args.embedder_backend,
+        batch_size=args.batch_size, shard_size=args.shard_size, keep_embeddings=args.keep_embeddings,
+        force=args.force, name=args.name, progress=args.progress,
+    )
+    result = build_datastore(config)
+    manifest = result.manifest
+    seconds = manifest["build"]["seconds"]
+    chunks = manifest["counts"]["chunks"]
+    print(f"datastore: {result.path}")
+    print(f"documents: {manifest['counts']['documents']}  chunks: {chunks}  index: {manifest['index']['factory']}"
+          f"  search params: {manifest['index']['search_params']}")
+    if manifest["pca"]:
+        print(f"pca: {manifest['pca']['dim']} dims, variance kept {manifest['pca']['variance_kept']:.4f}")
+    for skipped in manifest["build"]["skipped_inputs"]:
+        print(f"skipped: {skipped}")
+    embedded = manifest["build"]["embedded_chunks"]
+    rate = embedded / seconds["embed"] if seconds["embed"] > 0 else float("nan")
+    print("seconds: " + "  ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
+          + f"  (embed {rate:.1f} chunks/s, {manifest['build']['resumed_chunks']} resumed)")
+    return 0
+
+
+# ---- info --------------------------------------------------------------------------------------
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def datastore_info(path: Path) -> dict:
+    from retriever.datastore import read_manifest
+
+    manifest = read_manifest(path)
+    chunks = manifest["counts"]["chunks"] or 1
+    files = manifest.get("files") or {}
+    sizes = {name: entry["bytes"] for name, entry in files.items()}
+    return {
+        "manifest": manifest,
+        "sizes": sizes,
+        "total_bytes": sum(sizes.values()),
+        "bytes_per_entry": {name: size / chunks for name, size in sizes.items()},
+    }
+
+
+@_handles_errors
+def run_info(args: argparse.Namespace) -> int:
+    info = datastore_info(args.datastore)
+    manifest = info["manifest"]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"datastore: {args.datastore}  ({manifest['name']}, schema {manifest['schema_version']}, "
+          f"mode {manifest['mode']}, created {manifest['created_at']})")
+    print(f"documents: {manifest['counts']['documents']}  chunks: {manifest['counts']['chunks']}  "
+          f"chunk tokens: {manifest['chunk_tokens']}")
+    print(f"tokenizer: {manifest['tokenizer']['fingerprint']}")
+    print(f"model: {(manifest.get('model') or {}).get('fingerprint')}")
+    embedder = manifest["embedder"]
+    print(f"embedder: {embedder['name']} ({embedder['dim']}-d, backend {embedder.get('backend')})")
+    index = manifest["index"]
+    pca = manifest.get("pca")
+    print(f"index: {index['factory']}  metric {index['metric']}  search params {index['search_params']}  "
+          f"dims {manifest['dims']['embedding']} -> {manifest['dims']['index']}"
+          + (f"  (PCA variance kept {pca['variance_kept']:.4f})" if pca else ""))
+    for name, size in sorted(info["sizes"].items()):
+        print(f"  {name:28s} {size:>12,d} B  {info['bytes_per_entry'][name]:10.1f} B/entry")
+    print(f"  {'total':28s} {info['total_bytes']:>12,d} B")
+    seconds = (manifest.get("build") or {}).get("seconds")
+    if seconds:
+        print("build seconds: " + "  ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    return 0
+
+
+# ---- verify ------------------------------------------------------------------------------------
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+
+
+@_handles_errors
+def run_verify(args: argparse.Namespace) -> int:
+    from datastore_tools.verify import verify_datastore
+
+    problems = verify_datastore(args.datastore)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"error: {args.datastore} failed verification ({len(problems)} problem(s)); "
+              "rebuild it with `retroserve datastore build`", file=sys.stderr)
+        return 1
+    print(f"ok: {args.datastore}")
+    return 0
+
+
+# ---- search ------------------------------------------------------------------------------------
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+    parser.add_argument("query", nargs="+", help="query text (several queries are searched as one batch)")
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--nprobe", type=int, default=None)
+    parser.add_argument("--ef-search", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+
+
+@_handles_errors
+def run_search(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from retriever.datastore import Datastore
+
+    with Datastore.open(args.datastore, device="cpu") as datastore:
+        datastore.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
+        results = datastore.search_texts(args.query, args.k)
+    if args.json:
+        print(json.dumps({
+            "results": [{"query": q, "neighbours": [dataclasses.asdict(n) for n in row]}
+                        for q, row in zip(args.query, results)],
+            "timing": dataclasses.asdict(results.timing),
+        }, ensure_ascii=False))
+        return 0
+    for query, row in zip(args.query, results):
+        print(f"query: {query}")
+        for rank, neighbour in enumerate(row, start=1):
+            text = " ".join(neighbour.text.split())
+            print(f"{rank:2d}. {neighbour.score:.4f}  chunk {neighbour.chunk_id}  {neighbour.source}")
+            print(f"    {text}")
+    timing = results.timing
+    print(f"(embed {timing.embed * 1e3:.1f} ms, search {timing.search * 1e3:.2f} ms, "
+          f"payload {timing.payload * 1e3:.2f} ms)")
+    return 0
+
+
+# ---- prune -------------------------------------------------------------------------------------
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--no-exact", dest="exact", action="store_false", help="keep exact duplicates")
+    parser.add_argument("--near-dup", type=float, default=None, metavar="COSINE",
+                        help="also drop near-duplicates at or above this cosine (e.g. 0.95)")
+    parser.add_argument("--retrieval-log", type=Path, default=None,
+                        help="JSONL with {\"chunk_ids\": [...]} per retrieval: drop never-retrieved chunks")
+    parser.add_argument("--index", default=None, help="factory of the new index (default: the source's)")
+    parser.add_argument("--force", action="store_true")
+
+
+@_handles_errors
+def run_prune(args: argparse.Namespace) -> int:
+    from datastore_tools.prune import prune_datastore
+
+    report = prune_datastore(args.datastore, args.output, exact=args.exact, near_dup=args.near_dup,
+                             retrieval_log=args.retrieval_log, index=args.index, force=args.force)
+    print(f"datastore: {args.output}")
+    print(f"chunks: {report.before} -> {report.after}  (exact duplicates {report.exact_duplicates}, "
+          f"near duplicates {report.near_duplicates}, never retrieved {report.never_retrieved})")
+    return 0
+
+
+# ---- reduce ------------------------------------------------------------------------------------
+
+def add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--pca", type=int, required=True, help="target dimension")
+    parser.add_argument("--index", default=None, help="factory of the new index (default: the source's)")
+    parser.add_argument("--force", action="store_true")
+
+
+@_handles_errors
+def run_reduce(args: argparse.Namespace) -> int:
+    from datastore_tools.reduce import reduce_datastore
+
+    manifest = reduce_datastore(args.datastore, args.output, args.pca, index=args.index, force=args.force)
+    print(f"datastore: {args.output}")
+    print(f"index: {manifest['index']['factory']}  dims {manifest['dims']['embedding']} -> "
+          f"{manifest['dims']['index']}  variance kept {manifest['pca']['variance_kept']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m datastore_tools", description="retroserve datastore tools")
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        globals()[f"add_{name}_arguments"](sub)
+        sub.set_defaults(func=globals()[f"run_{name}"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)

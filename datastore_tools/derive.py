@@ -1,0 +1,89 @@
+"""Write a new datastore derived from an existing one (prune, reduce): subset, renumber, re-index.
+
+Kept chunks keep their relative order and get ids 0..M-1. A continuation link to a removed chunk is
+redirected to the chunk that replaced it (`redirect`, e.g. its duplicate's representative), and
+becomes -1 when nothing replaces it. Documents without kept chunks disappear.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from datastore_tools import index_factory, payloads, publish
+from datastore_tools.manifest import make_manifest, write_manifest
+from retriever import format as fmt
+from retriever.datastore import Datastore
+
+
+def write_derived(
+    source: Datastore,
+    output: Path,
+    keep: Sequence[int],
+    vectors: np.ndarray,
+    *,
+    factory: str,
+    pca_dim: int | None,
+    operation: dict,
+    redirect: dict[int, int] | None = None,
+    seed: int = 1234,
+    search_params: dict | None = None,
+    keep_embeddings: bool = True,
+    force: bool = False,
+) -> dict:
+    """Publish the datastore of chunks `keep` (old ids, ascending) with embeddings `vectors` [len(keep), d]."""
+    redirect = redirect or {}
+    keep = sorted(int(i) for i in keep)
+    new_id = {old: new for new, old in enumerate(keep)}
+    seconds = {}
+    with publish.staged(Path(output), force) as stage:
+        index, index_info = index_factory.build_index(vectors, factory, pca_dim, seed=seed, search_params=search_params)
+        seconds.update(index_info["seconds"])
+        started = time.perf_counter()
+        chunk_records, doc_new_id, doc_rows = [], {}, []
+        with source.payloads.env.begin() as txn:
+            for old in keep:
+                record = source.payloads.chunk(txn, old)
+                nxt = record["next"]
+                seen = set()
+                while nxt >= 0 and nxt not in new_id and nxt in redirect and nxt not in seen:
+                    seen.add(nxt)
+                    nxt = redirect[nxt]
+                nxt = new_id.get(nxt, -1) if nxt >= 0 else -1
+                if nxt == new_id[old]:
+                    nxt = -1  # a chunk cannot continue into itself
+                if record["doc"] not in doc_new_id:
+                    doc_new_id[record["doc"]] = len(doc_rows)
+                    doc = source.payloads.doc(txn, record["doc"])
+                    doc_rows.append([doc["source"], doc.get("title", ""), new_id[old], 0])
+                doc_rows[doc_new_id[record["doc"]]][3] += 1
+                chunk_records.append(payloads.chunk_record(
+                    record["tokens"], record["text"], doc_new_id[record["doc"]], record["pos"], nxt))
+        doc_records = [payloads.doc_record(*row) for row in doc_rows]
+        payloads.write_payloads(stage, chunk_records, doc_records)
+        seconds["payloads"] = time.perf_counter() - started
+        faiss.write_index(index, str(stage / fmt.INDEX_FILE))
+        if keep_embeddings:
+            np.save(stage / fmt.EMBEDDINGS_FILE, np.asarray(vectors, dtype=np.float16))
+        src = source.manifest
+        manifest = make_manifest(
+            name=Path(output).name,
+            tokenizer=src["tokenizer"],
+            model=src.get("model"),
+            embedder=src["embedder"],
+            chunk_tokens=src["chunk_tokens"],
+            index_info=index_info,
+            counts={"documents": len(doc_records), "chunks": len(chunk_records)},
+            build={"operation": operation, "seconds": seconds},
+            extra={"derived_from": {
+                "path": str(source.path),
+                "name": src.get("name"),
+                "index_sha256": (src.get("files") or {}).get(fmt.INDEX_FILE, {}).get("sha256"),
+            }},
+        )
+        write_manifest(stage, manifest)
+    return manifest
