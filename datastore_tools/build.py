@@ -234,5 +234,4 @@ def _write_stage(stage, config, documents, chunks, vectors, index, index_info, t
         },
     )
     seconds["write"] = time.perf_counter() - started
-    write_manifest(stage, manifest)
-    return manifest
+    return write_manifest(stage, manifest)

@@ -85,5 +85,5 @@ def write_derived(
                 "index_sha256": (src.get("files") or {}).get(fmt.INDEX_FILE, {}).get("sha256"),
             }},
         )
-        write_manifest(stage, manifest)
+        manifest = write_manifest(stage, manifest)
     return manifest

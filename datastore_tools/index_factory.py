@@ -52,7 +52,7 @@ def _parse(factory: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unparsable"
+        reason = str(error).strip().rsplit(": ", 1)[-1] if str(error).strip() else "unparsable"
         raise DatastoreToolError(
             f"unknown or invalid FAISS index factory {factory!r} for {dim}-d vectors ({reason}); "
             f"examples: {FACTORY_EXAMPLES}"
@@ -127,11 +127,18 @@ def validate(factory: str, dim: int, n: int, pca_dim: int | None) -> None:
 
 
 def _seed(index: faiss.Index, seed: int) -> None:
+    """Seed k-means and PQ training; switch off polysemous training (an annealing of code order
+    that only polysemous Hamming filtering uses, which we do not, and that takes minutes)."""
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
     for pq in _quantizers(index):
         pq.cp.seed = seed + 1
+    for candidate in (index, ivf):
+        if candidate is not None:
+            candidate = faiss.downcast_index(candidate)
+            if hasattr(candidate, "do_polysemous_training"):
+                candidate.do_polysemous_training = False
 
 
 def build_index(

@@ -212,8 +212,10 @@ def read_documents(
         log.warning("skipped %s", line)
     report.documents = len(documents)
     if not documents:
-        detail = f" ({len(report.skipped)} input(s) skipped, {report.empty} empty)" if (
-            report.skipped or report.empty) else ""
+        detail = ""
+        if report.skipped or report.empty:
+            named = "; ".join(report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")
+            detail = f" ({len(report.skipped)} input(s) skipped: {named}; {report.empty} empty)"
         raise DatastoreToolError(
             f"empty corpus: no text to index{detail}; pass files or folders with text "
             "(.txt, .md, .rst, .html, .jsonl) or --default-corpus"

@@ -53,10 +53,11 @@ def make_manifest(
     return manifest
 
 
-def write_manifest(datastore_dir: Path, manifest: dict) -> None:
-    """Fill `files` with checksums of what is on disk now, then write manifest.json atomically."""
+def write_manifest(datastore_dir: Path, manifest: dict) -> dict:
+    """Fill `files` with checksums of what is on disk now, write manifest.json atomically, return it."""
     manifest = dict(manifest, files=file_entries(datastore_dir))
     path = Path(datastore_dir) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    return manifest
