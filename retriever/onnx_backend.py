@@ -34,7 +34,7 @@ def export_onnx(model_path: Path, cache_dir: Path, quantized: bool) -> Path:
     """Export (once) the transformer to ONNX, optionally int8-quantised; returns the .onnx path."""
     tag = _weights_digest(model_path)
     fp32_path = cache_dir / f"model-{tag}.onnx"
-    int8_path = cache_dir / f"model-{tag}-int8.onnx"
+    int8_path = cache_dir / f"model-{tag}-int8pc.onnx"
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not fp32_path.is_file():
         import torch
@@ -83,7 +83,9 @@ def export_onnx(model_path: Path, cache_dir: Path, quantized: bool) -> Path:
 
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             tmp_path = Path(tmp) / "model-int8.onnx"
-            quantize_dynamic(str(fp32_path), str(tmp_path), weight_type=QuantType.QInt8)
+            # Per-channel weights: per-tensor int8 dropped neighbours' recall@10 to 0.74 (bench/).
+            quantize_dynamic(str(fp32_path), str(tmp_path), weight_type=QuantType.QInt8,
+                             per_channel=True, reduce_range=True)
             os.replace(tmp_path, int8_path)
     return int8_path
 
