@@ -12,6 +12,10 @@ from pathlib import Path
 
 from server import paths
 
+RETRIEVAL_MODES = ("none", "chunk", "token")
+"""Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
+CONTEXT_LAYOUTS = ("prepend", "after_prompt")
+"""Context layouts of chunk mode; server/context.py LAYOUTS must list the same."""
 
 @dataclass
 class EngineConfig:
@@ -64,9 +68,19 @@ class RetrievalDefaults:
     """How long the cross-request batcher waits to coalesce retrievals."""
     cache_size: int = 4096
     """Exact query-cache entries (0 disables)."""
+    mode: str = "chunk"
+    """Retrieval mode for requests that leave it unspecified: one of RETRIEVAL_MODES. A server
+    without a datastore of that mode falls back to "none" for such requests."""
+    layout: str = "prepend"
+    """Context layout for requests that leave it unspecified: one of CONTEXT_LAYOUTS
+    (server/context.py explains both)."""
 
     def __post_init__(self) -> None:
         self.datastore_dir = Path(self.datastore_dir)
+        if self.mode not in RETRIEVAL_MODES:
+            raise ValueError(f"{self.mode=} must be one of {RETRIEVAL_MODES}")
+        if self.layout not in CONTEXT_LAYOUTS:
+            raise ValueError(f"{self.layout=} must be one of {CONTEXT_LAYOUTS}")
         if not 1 <= self.neighbours <= self.max_neighbours:
             raise ValueError(f"{self.neighbours=} must be in [1, {self.max_neighbours=}]")
         if not self.min_stride <= self.stride <= self.max_stride:
@@ -88,8 +102,22 @@ class Limits:
     """Requests admitted (running + waiting); more get RESOURCE_EXHAUSTED."""
     max_time_limit_s: float = 600.0
     max_message_bytes: int = 4 * 1024 * 1024
+    max_temperature: float = 100.0
+    """Largest sampling temperature; beyond it sampling is uniform noise anyway."""
+    max_top_k: int = 262_144
+    """Largest top_k: the biggest vocabulary we serve (Gemma-3's 262144 tokens)."""
+    max_query_chars: int = 8192
+    """Longest Retrieve query (characters); queries are embedded whole, MiniLM reads 256 tokens."""
+    max_tokenize_chars: int = 65_536
+    """Longest Tokenize text (characters), so one request cannot hold the event loop for long."""
 
     def __post_init__(self) -> None:
+        if self.max_temperature <= 0:
+            raise ValueError(f"{self.max_temperature=} must be > 0")
+        if self.max_top_k < 1:
+            raise ValueError(f"{self.max_top_k=} must be >= 1")
+        if self.max_query_chars < 1 or self.max_tokenize_chars < 1:
+            raise ValueError(f"{self.max_query_chars=} and {self.max_tokenize_chars=} must be >= 1")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
             raise ValueError(
                 f"{self.default_max_new_tokens=} must be in [1, {self.max_new_tokens=}]"
