@@ -1,0 +1,287 @@
+"""Error taxonomy of the server, and the one interceptor that turns exceptions into gRPC statuses.
+
+Servicer code raises domain exceptions (`raise Overloaded(...)`) and never touches status codes;
+`ErrorInterceptor` maps each exception to its code in one place, counts RPCs and errors by code,
+logs with the request id and sends the client a message without a traceback. Unexpected
+exceptions become INTERNAL with a message pointing at the server log (by request id), where the
+traceback is.
+
+Install it once, when the server is built:
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)])
+
+It wraps the methods of every service in the `retroserve.v1` package (health and reflection pass
+through untouched, so probes do not flood the metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+
+from server import request_context
+from server.request_context import REQUEST_ID_METADATA_KEY, RequestContext
+
+log = logging.getLogger(__name__)
+
+API_PACKAGE_PREFIX = "/retroserve.v1."
+"""Fully-qualified method names start with this for every service the interceptor wraps."""
+
+
+class RetroserveError(Exception):
+    """Base of the errors a client may see; `code` is the gRPC status they become."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    log_level: int = logging.ERROR
+    """Client mistakes log at WARNING (not the operator's problem); server faults at ERROR."""
+
+
+class InvalidArgument(RetroserveError):
+    """A request field is out of bounds; the message names the field, the value and the bound."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    log_level = logging.WARNING
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(message)
+        self.field_path = field_path
+        self.message = message
+
+
+class Overloaded(RetroserveError):
+    """The admission queue is full; the client should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    log_level = logging.WARNING
+
+
+class NotReady(RetroserveError):
+    """Still loading, or draining for shutdown: another replica (or a later retry) can serve."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    log_level = logging.WARNING
+
+
+class EngineDead(RetroserveError):
+    """The vLLM engine died; this replica will exit and be restarted."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(RetroserveError):
+    """The request's deadline passed before it could produce a result."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    log_level = logging.WARNING
+
+
+class Cancelled(RetroserveError):
+    """The request was cancelled on the server side (e.g. shutdown past the grace period)."""
+
+    code = grpc.StatusCode.CANCELLED
+    log_level = logging.WARNING
+
+
+class DatastoreUnavailable(RetroserveError):
+    """The datastore is missing, inconsistent or of the wrong kind for the request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_FOREIGN_PRECONDITION_ERRORS = (
+    ("retriever.datastore", "DatastoreError"),
+    ("retriever.encoder", "EncoderError"),
+)
+"""Library errors that mean "the datastore side is not usable": FAILED_PRECONDITION. Looked up in
+sys.modules rather than imported, so this module does not pull in FAISS; an exception of such a
+class can only exist if its module was imported."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, client-safe message) for an exception raised while serving."""
+    if isinstance(exc, RetroserveError):
+        return exc.code, str(exc)
+    for module_name, class_name in _FOREIGN_PRECONDITION_ERRORS:
+        module = sys.modules.get(module_name)
+        error_class = getattr(module, class_name, None) if module is not None else None
+        if error_class is not None and isinstance(exc, error_class):
+            return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def _request_id_field(request) -> str:
+    """GenerateRequest.request_id (or any message's `request_id`), '' when absent or unset."""
+    value = getattr(request, "request_id", "") if hasattr(request, "DESCRIPTOR") else ""
+    return value if isinstance(value, str) else ""
+
+
+class _Call:
+    """Bookkeeping for one RPC: request id, context binding, timing, the final status."""
+
+    def __init__(self, interceptor: "ErrorInterceptor", rpc: str, metadata_request_id: str | None):
+        self.interceptor = interceptor
+        self.rpc = rpc
+        self.metadata_request_id = metadata_request_id
+        self.started = time.perf_counter()
+        self.context = RequestContext(request_context.new_request_id(), rpc)
+        self.token = request_context.bind(self.context)
+
+    def resolve_request_id(self, request, grpc_context) -> None:
+        """Metadata id, else the request's own field, else the generated one; echo it in trailers.
+
+        Raises InvalidArgument for an id that could not be logged or echoed safely; by then the
+        generated id is current, so that refusal is still logged under some id.
+        """
+        for source, value in (
+            (f"metadata {REQUEST_ID_METADATA_KEY}", self.metadata_request_id),
+            ("request_id", _request_id_field(request)),
+        ):
+            if not value:
+                continue
+            if not request_context.is_valid_request_id(value):
+                raise InvalidArgument(
+                    source,
+                    f"{source} must be 1..{request_context.MAX_REQUEST_ID_CHARS} printable ASCII "
+                    f"characters (got {len(value)} characters)",
+                )
+            self.context.request_id = value
+            break
+        grpc_context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, self.context.request_id),))
+
+    async def fail(self, exc: Exception, grpc_context) -> None:
+        """Log `exc`, record its code, and abort the RPC with a client-safe message (raises)."""
+        code, message = status_for(exc)
+        request_id = self.context.request_id
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", self.rpc, type(exc).__name__, exc_info=exc,
+                      extra={"rpc": self.rpc, "code": code.name})
+            message = f"internal error; the server log has details under request id {request_id}"
+        else:
+            level = exc.log_level if isinstance(exc, RetroserveError) else logging.ERROR
+            log.log(level, "%s refused: %s: %s", self.rpc, code.name, message,
+                    extra={"rpc": self.rpc, "code": code.name})
+        self.finish(code)
+        await grpc_context.abort(code, message,
+                                 trailing_metadata=((REQUEST_ID_METADATA_KEY, request_id),))
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        """Record the outcome once; later calls (e.g. after abort re-raises) do nothing."""
+        if self.token is None:
+            return
+        seconds = time.perf_counter() - self.started
+        metrics = self.interceptor.metrics
+        if metrics is not None:
+            metrics.observe_rpc(self.rpc, self.context.mode, code.name, seconds)
+        if code is grpc.StatusCode.OK:
+            log.info("%s ok in %.1f ms", self.rpc, seconds * 1000,
+                     extra={"rpc": self.rpc, "code": code.name, "duration_ms": round(seconds * 1000, 3)})
+        request_context.unbind(self.token)
+        self.token = None
+
+    def finish_interrupted(self, grpc_context, exc: BaseException) -> None:
+        """The handler ended by cancellation or by an abort the servicer itself called."""
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            code = grpc.StatusCode.CANCELLED
+            log.info("%s cancelled by the client", self.rpc, extra={"rpc": self.rpc, "code": code.name})
+        else:
+            code = _code_of(grpc_context) or grpc.StatusCode.UNKNOWN
+        self.finish(code)
+
+
+def _code_of(grpc_context) -> grpc.StatusCode | None:
+    try:
+        return grpc_context.code()
+    except Exception:  # older grpc.aio contexts have no code(); the metric then says UNKNOWN
+        return None
+
+
+_PASS_THROUGH = (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError)
+"""Already a status (abort) or not ours to answer (cancellation): record and re-raise."""
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to status codes, counts RPCs by code, logs with the request id.
+
+    `metrics` is a server.metrics.Metrics (or anything with `observe_rpc(rpc, mode, code, seconds)`),
+    or None to skip counting.
+    """
+
+    def __init__(self, metrics=None, package_prefix: str = API_PACKAGE_PREFIX):
+        self.metrics = metrics
+        self.package_prefix = package_prefix
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(self.package_prefix):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        metadata_request_id = metadata.get(REQUEST_ID_METADATA_KEY)
+        if isinstance(metadata_request_id, bytes):
+            metadata_request_id = metadata_request_id.decode("ascii", "replace")
+
+        def wrap(behavior: Callable) -> Callable:
+            if inspect.isasyncgenfunction(behavior):
+                return self._wrap_stream(behavior, rpc, metadata_request_id)
+            return self._wrap_coroutine(behavior, rpc, metadata_request_id)
+
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        )
+        for attribute, make_handler in kinds:
+            behavior = getattr(handler, attribute)
+            if behavior is not None:
+                return make_handler(
+                    wrap(behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+    def _wrap_coroutine(self, behavior, rpc, metadata_request_id):
+        async def wrapped(request, grpc_context):
+            call = _Call(self, rpc, metadata_request_id)
+            try:
+                call.resolve_request_id(request, grpc_context)
+                response = await behavior(request, grpc_context)
+            except _PASS_THROUGH as exc:
+                call.finish_interrupted(grpc_context, exc)
+                raise
+            except Exception as exc:
+                await call.fail(exc, grpc_context)
+                raise  # unreachable: abort raises
+            finally:
+                call.finish(_code_of(grpc_context) or grpc.StatusCode.OK)
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, behavior, rpc, metadata_request_id):
+        async def wrapped(request, grpc_context):
+            call = _Call(self, rpc, metadata_request_id)
+            try:
+                call.resolve_request_id(request, grpc_context)
+                async for response in behavior(request, grpc_context):
+                    yield response
+            except _PASS_THROUGH as exc:
+                call.finish_interrupted(grpc_context, exc)
+                raise
+            except Exception as exc:
+                await call.fail(exc, grpc_context)
+                raise
+            finally:
+                call.finish(_code_of(grpc_context) or grpc.StatusCode.OK)
+
+        return wrapped
