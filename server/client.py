@@ -1,0 +1,191 @@
+"""Python client of the retroserve.v1 API.
+
+    with RetroserveClient("127.0.0.1:50051") as client:
+        print(client.generate("The assert statement", max_new_tokens=32, mode="chunk").text)
+        for delta in client.generate_stream("Explain nonlocal", stride=16, return_provenance=True):
+            print(delta.text, end="", flush=True)
+
+Keyword options are the API's field names, flattened (see `build_generate_request`); values left
+out stay unset, so the server's defaults apply. Errors arrive as grpc.RpcError with the server's
+status code and a message naming the field and its bound.
+
+Blocking (grpc's synchronous channel): the common use is a script or a CLI. An asyncio program can
+use the generated `RetroserveStub` on a grpc.aio channel with the same request builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.retroserve.v1 import retroserve_pb2 as pb
+from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from server.config import Limits
+from server.request_context import REQUEST_ID_METADATA_KEY
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+MODES = {
+    None: pb.RETRIEVAL_MODE_UNSPECIFIED,
+    "none": pb.RETRIEVAL_MODE_NONE,
+    "chunk": pb.RETRIEVAL_MODE_CHUNK,
+    "token": pb.RETRIEVAL_MODE_TOKEN,
+}
+LAYOUTS = {
+    None: pb.CONTEXT_LAYOUT_UNSPECIFIED,
+    "prepend": pb.CONTEXT_LAYOUT_PREPEND,
+    "after_prompt": pb.CONTEXT_LAYOUT_AFTER_PROMPT,
+}
+
+
+def _enum(value, names: dict, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # an enum number, passed through (the server validates it)
+    if value not in names:
+        raise ValueError(f"{what}={value!r} must be one of {[n for n in names if n is not None]}")
+    return names[value]
+
+
+def build_generate_request(
+    prompt: str,
+    *,
+    request_id: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    stop_sequences: Sequence[str] = (),
+    time_limit_ms: int = 0,
+    include_stop_sequence: bool = False,
+    mode: str | int | None = None,
+    neighbours: int | None = None,
+    stride: int | None = None,
+    query_tokens: int | None = None,
+    layout: str | int | None = None,
+    return_provenance: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
+
+    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "prepend" |
+    "after_prompt". Bounds are checked by the server, not here, so one place states them.
+    """
+    request = pb.GenerateRequest(prompt=prompt)
+    if request_id is not None:
+        request.request_id = request_id
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(request.sampling, name, value)
+    if max_new_tokens is not None:
+        request.stopping.max_new_tokens = max_new_tokens
+    request.stopping.stop_sequences.extend(stop_sequences)
+    request.stopping.time_limit_ms = time_limit_ms
+    request.stopping.include_stop_sequence = include_stop_sequence
+    request.retrieval.mode = _enum(mode, MODES, "mode")
+    request.retrieval.layout = _enum(layout, LAYOUTS, "layout")
+    for name, value in (("neighbours", neighbours), ("stride", stride), ("query_tokens", query_tokens)):
+        if value is not None:
+            setattr(request.retrieval, name, value)
+    request.retrieval.return_provenance = return_provenance
+    request.response.return_token_ids = return_token_ids
+    request.response.return_logprobs = return_logprobs
+    return request
+
+
+def build_retrieve_request(query: str, neighbours: int | None = None) -> pb.RetrieveRequest:
+    request = pb.RetrieveRequest(query=query)
+    if neighbours is not None:
+        request.neighbours = neighbours
+    return request
+
+
+class RetroserveClient:
+    """Blocking client; a context manager that closes its channel.
+
+    `timeout` (seconds) is the default deadline of each call (None: no deadline); `request_id`
+    is sent as `x-request-id` metadata on every call unless a call passes its own.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        max_message_bytes: int = Limits.max_message_bytes,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.request_id = request_id
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = pb_grpc.RetroserveStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> "RetroserveClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call_options(self, timeout: float | None, request_id: str | None) -> dict:
+        request_id = request_id if request_id is not None else self.request_id
+        metadata = ((REQUEST_ID_METADATA_KEY, request_id),) if request_id else None
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": metadata}
+
+    def generate(self, prompt: str, *, timeout: float | None = None, request_id: str | None = None,
+                 **options) -> pb.GenerateResponse:
+        """Generate and return the whole response; `options` as for build_generate_request."""
+        request = build_generate_request(prompt, **options)
+        return self.stub.Generate(request, **self._call_options(timeout, request_id))
+
+    def generate_stream(self, prompt: str, *, timeout: float | None = None, request_id: str | None = None,
+                        **options) -> Iterator[pb.GenerateStreamResponse]:
+        """Yield stream messages as the server sends them; the last one has stop_reason set.
+
+        Leaving the loop early (break, exception, KeyboardInterrupt) cancels the call, which
+        aborts the request on the server.
+        """
+        request = build_generate_request(prompt, **options)
+        call = self.stub.GenerateStream(request, **self._call_options(timeout, request_id))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def retrieve(self, query: str, neighbours: int | None = None, *, timeout: float | None = None,
+                 request_id: str | None = None) -> pb.RetrieveResponse:
+        return self.stub.Retrieve(build_retrieve_request(query, neighbours), **self._call_options(timeout, request_id))
+
+    def tokenize(self, text: str, return_tokens: bool = False, *, timeout: float | None = None,
+                 request_id: str | None = None) -> pb.TokenizeResponse:
+        return self.stub.Tokenize(pb.TokenizeRequest(text=text, return_tokens=return_tokens),
+                                  **self._call_options(timeout, request_id))
+
+    def info(self, *, timeout: float | None = None) -> pb.InfoResponse:
+        return self.stub.Info(pb.InfoRequest(), **self._call_options(timeout, None))
+
+    def health(self, service: str = "", *, timeout: float | None = None, wait_for_ready: bool = False) -> str:
+        """The standard gRPC health status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"...
+
+        `service` "" asks about the server as a whole; "retroserve.v1.Retroserve" about the API.
+        With wait_for_ready the call waits (up to the timeout) for the server to come up instead
+        of failing with UNAVAILABLE while nothing listens yet.
+        """
+        reply = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout if timeout is not None else self.timeout,
+            wait_for_ready=wait_for_ready,
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
