@@ -80,3 +80,35 @@ def test_every_field_enum_value_and_rpc_has_a_comment(proto_file):
             if (6, s, 2, r) not in commented:
                 missing.append(f"{service.name}.{method.name}")
     assert not missing, f"undocumented in {proto_file}: {missing}"
+
+
+def test_info_reports_every_limit_and_retrieval_default():
+    """LimitsInfo mirrors Limits field for field; RetrievalDefaultsInfo has every request knob."""
+    import dataclasses
+
+    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from server.config import Limits, RetrievalDefaults
+    from server.pb_convert import limits_to_pb, retrieval_defaults_to_pb
+
+    limit_fields = {f.name for f in dataclasses.fields(Limits)}
+    assert limit_fields == set(pb.LimitsInfo.DESCRIPTOR.fields_by_name)
+    assert limits_to_pb(Limits()).max_prompt_tokens == Limits().max_prompt_tokens
+    info = retrieval_defaults_to_pb(RetrievalDefaults(), ("none",))
+    assert info.mode == pb.RETRIEVAL_MODE_NONE and list(info.available_modes) == [pb.RETRIEVAL_MODE_NONE]
+    knobs = {f.name for f in dataclasses.fields(RetrievalDefaults)} - {"datastore_dir", "batch_window_ms", "cache_size"}
+    assert knobs <= set(pb.RetrievalDefaultsInfo.DESCRIPTOR.fields_by_name)
+
+
+def test_stop_reasons_match_the_generation_loop():
+    """server.generation.StopReason strings map onto the enum by prefix (read from source: no engine import)."""
+    import ast
+
+    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from server.pb_convert import stop_reason_to_pb
+
+    source = (generate.REPO_ROOT / "server" / "generation.py").read_text()
+    stop_reason = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "StopReason")
+    values = [node.value.value for node in stop_reason.body if isinstance(node, ast.Assign)]
+    assert values
+    for value in values:
+        assert pb.StopReason.Name(stop_reason_to_pb(value)) == f"STOP_REASON_{value}"

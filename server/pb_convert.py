@@ -1,0 +1,55 @@
+"""to_pb for types that live where protobuf should not be imported (config, retriever).
+
+Config dataclasses and retriever.Neighbour stay free of the API's generated modules, so the
+datastore tools and the retriever do not depend on the gRPC API; their protobuf forms are made
+here. Converters of the server's own request types live beside those types (server/validation.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protos.retroserve.v1 import retroserve_pb2 as pb
+from server.config import Limits, RetrievalDefaults
+from server.validation import LAYOUT_TO_PB, MODE_TO_PB
+
+
+def limits_to_pb(limits: Limits) -> pb.LimitsInfo:
+    """Every Limits field, by name (tests/test_protos.py checks the proto has them all)."""
+    return pb.LimitsInfo(**{f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)})
+
+
+def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple[str, ...]) -> pb.RetrievalDefaultsInfo:
+    """Defaults and bounds; `mode` is what an unspecified request gets on this server."""
+    default_mode = defaults.mode if defaults.mode in available_modes else "none"
+    return pb.RetrievalDefaultsInfo(
+        mode=MODE_TO_PB[default_mode],
+        neighbours=defaults.neighbours,
+        max_neighbours=defaults.max_neighbours,
+        stride=defaults.stride,
+        min_stride=defaults.min_stride,
+        max_stride=defaults.max_stride,
+        query_tokens=defaults.query_tokens,
+        max_query_tokens=defaults.max_query_tokens,
+        layout=LAYOUT_TO_PB[defaults.layout],
+        available_modes=[MODE_TO_PB[mode] for mode in available_modes],
+    )
+
+
+def neighbour_to_pb(neighbour) -> pb.Neighbour:
+    """A retriever.datastore.Neighbour (or anything with its attributes) as the API's Neighbour."""
+    return pb.Neighbour(
+        chunk_id=neighbour.chunk_id,
+        doc_id=neighbour.doc_id,
+        source=neighbour.source,
+        title=neighbour.title,
+        text=neighbour.text,
+        continuation_text=neighbour.continuation_text,
+        score=neighbour.score,
+        continuation_id=getattr(neighbour, "continuation_id", -1),
+    )
+
+
+def stop_reason_to_pb(reason: str | None) -> int:
+    """server.generation.StopReason value ("MAX_TOKENS", ...) -> StopReason enum number."""
+    return pb.StopReason.Value(f"STOP_REASON_{reason}") if reason else pb.STOP_REASON_UNSPECIFIED
