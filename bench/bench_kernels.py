@@ -95,7 +95,7 @@ def bench_search(sizes, n_queries, k, ceilings) -> list[dict]:
         variants = {
             "fp16-l2": TorchExactIndex(keys32, "l2", "cuda", dtype=torch.float16),
             "fp16-ip": TorchExactIndex(keys32, "ip", "cuda", dtype=torch.float16),
-            "fp16-l2-chunk262144": TorchExactIndex(keys32, "l2", "cuda", dtype=torch.float16, chunk_size=262144),
+            "fp16-l2-chunk65536": TorchExactIndex(keys32, "l2", "cuda", dtype=torch.float16, chunk_size=65536),
             "fp32-l2": TorchExactIndex(keys32, "l2", "cuda", dtype=torch.float32),
         }
         for nq in n_queries:

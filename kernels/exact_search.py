@@ -4,7 +4,9 @@ GPU FAISS wheels are tied to one CUDA version; when the installed FAISS has no G
 retriever can still search a token datastore on the device with this: the key matrix lives on the
 device (fp16 by default on CUDA, halving memory and bandwidth), scores are a matrix product with
 fp32 accumulation and fp32 output, and top-k is merged chunk by chunk so the score buffer stays
-bounded (queries x chunk_size) however many keys there are.
+bounded (queries x chunk_size) however many keys there are. The default chunk (262144 keys) was
+the faster of 65536 and 262144 at every measured size on an H100 (100k and 1M keys x 576, 1 to 256
+queries, k=64): fewer chunks mean fewer launches and top-k merges.
 
 Results follow FAISS conventions, so callers can swap this for an `IndexFlat`:
 - metric "l2": squared L2 distances, ascending; metric "ip": inner products, descending;
@@ -48,7 +50,7 @@ def exact_search(
     *,
     metric: Metric = "l2",
     key_sq_norms: torch.Tensor | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = 262144,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of `queries` [n, d] against `keys` [m, d] (same device). Returns (D fp32, I int64).
 
@@ -109,7 +111,7 @@ class TorchExactIndex:
         device: str | torch.device = "cuda",
         *,
         dtype: torch.dtype | None = None,
-        chunk_size: int = 65536,
+        chunk_size: int = 262144,
     ) -> None:
         if metric not in ("l2", "ip"):
             raise ValueError(f"{metric=} must be one of 'l2', 'ip'")
