@@ -1,0 +1,166 @@
+"""Assemble and run the gRPC server: engine, datastore, services, health, metrics, shutdown.
+
+Order of events: the gRPC port opens first with health NOT_SERVING (so probes get an answer during
+the tens of seconds vLLM takes to load); then the engine and the datastore load; then health turns
+SERVING. SIGTERM/SIGINT turn health NOT_SERVING, stop admitting, give in-flight requests
+`grace_period_s` to finish, and exit 0. If the engine dies, health turns NOT_SERVING and the process
+exits non-zero so the orchestrator restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protos.retroserve.v1 import retroserve_pb2, retroserve_pb2_grpc
+from server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = retroserve_pb2.DESCRIPTOR.services_by_name["Retroserve"].full_name
+ENGINE_DEAD_EXIT_CODE = 3
+
+
+@dataclass
+class RunningServer:
+    """Handles a caller (CLI or tests) needs: the bound ports and the parts to stop."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    health: HealthServicer
+    service: object | None = None
+    engine: object | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int = 0
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace, stop the engine."""
+        if self.stopped.is_set():
+            return
+        await self.set_serving(False)
+        if self.service is not None:
+            self.service.draining = True
+        await self.server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.stopped.set()
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_retrieval(config: ServerConfig, engine, with_datastore: bool, metrics):
+    """Open the datastore (building the default one first if it is missing) and its batcher."""
+    if not with_datastore:
+        return None, None
+    from retriever import api as retriever_api
+
+    return retriever_api.open_for_serving(config, engine, metrics)
+
+
+async def start(config: ServerConfig, with_datastore: bool = True, registry=None) -> RunningServer:
+    """Start everything; returns once health is SERVING (or raises if loading failed)."""
+    from server import service as service_module
+    from server.engine import Engine
+    from server.errors import ErrorInterceptor
+    from server.metrics import Metrics, start_metrics_server
+
+    metrics = Metrics(registry=registry)
+    _, _, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", config.limits.max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.max_connection_age_ms", 30 * 60_000),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000)),
+        ],
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    host, port = _split_address(config.address)
+    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    running = RunningServer(server, bound, metrics_port, health)
+    await running.set_serving(False)
+    await server.start()
+    log.info("gRPC listening on %s:%d (NOT_SERVING while loading); metrics on :%d", host, bound, metrics_port)
+
+    loop = asyncio.get_running_loop()
+    try:
+        engine = await loop.run_in_executor(None, Engine.start, config.engine)
+        running.engine = engine
+        datastore, batcher = await loop.run_in_executor(
+            None, load_retrieval, config, engine, with_datastore, metrics
+        )
+    except BaseException:
+        await running.shutdown(0)
+        raise
+    service = service_module.RetroserveService(config, engine, datastore, batcher, metrics)
+    retroserve_pb2_grpc.add_RetroserveServicer_to_server(service, server)
+    running.service = service
+    running._tasks.append(asyncio.create_task(_watch_engine(running, config)))
+    await running.set_serving(True)
+    log.info("SERVING")
+    return running
+
+
+async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
+    """If the engine process dies, report NOT_SERVING and stop with a non-zero exit code."""
+    while not running.stopped.is_set():
+        await asyncio.sleep(1.0)
+        if running.engine is not None and running.engine.errored:
+            log.error("engine died; stopping with exit code %d", ENGINE_DEAD_EXIT_CODE)
+            running.exit_code = ENGINE_DEAD_EXIT_CODE
+            await running.shutdown(0)
+            return
+
+
+async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
+    running = await start(config, with_datastore)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    stopped = asyncio.create_task(running.stopped.wait())
+    await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("signal received: draining for up to %.0f s", config.grace_period_s)
+        await running.shutdown(config.grace_period_s)
+    for task in (waiter, stopped):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return running.exit_code
+
+
+def main(config: ServerConfig, with_datastore: bool = True) -> int:
+    return asyncio.run(serve_until_signal(config, with_datastore))
