@@ -230,23 +230,11 @@ def prepare(
         log.info("model already prepared at %s", output_dir)
         return PreparedModel(output_dir, existing["fingerprint"], existing["tokenizer_fingerprint"], existing)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        summary = _write_quantized(source, recipe, work_dir)
-        record = {
-            "recipe": asdict(recipe),
-            "summary": summary,
-            "fingerprint": fingerprints.model_fingerprint(work_dir),
-            "tokenizer_fingerprint": fingerprints.tokenizer_fingerprint(work_dir),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        }
-        (work_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        _publish(work_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-    return PreparedModel(output_dir, record["fingerprint"], record["tokenizer_fingerprint"], record)
+    return _build_and_publish(
+        output_dir,
+        {"recipe": asdict(recipe)},
+        lambda work_dir: {"summary": _write_quantized(source, recipe, work_dir)},
+    )
 
 
 def _register_prequantized(source: Path, output_dir: Path, quant: dict, force: bool) -> PreparedModel:
@@ -255,13 +243,23 @@ def _register_prequantized(source: Path, output_dir: Path, quant: dict, force: b
     source_sha = sha256_dir(source)
     if existing and not force and existing.get("recipe", {}).get("source_sha256") == source_sha:
         return PreparedModel(output_dir, existing["fingerprint"], existing["tokenizer_fingerprint"], existing)
+    recipe = {"source": str(source), "source_sha256": source_sha, "method": "as-is", "quantization": quant}
+
+    def copy_checkpoint(work_dir: Path) -> dict:
+        shutil.copytree(source, work_dir, dirs_exist_ok=True)
+        return {}
+
+    return _build_and_publish(output_dir, {"recipe": recipe}, copy_checkpoint)
+
+
+def _build_and_publish(output_dir: Path, record: dict, fill) -> PreparedModel:
+    """Fill a temporary sibling directory, record its fingerprints, then publish it atomically."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        shutil.copytree(source, work_dir, dirs_exist_ok=True)
         record = {
-            "recipe": {"source": str(source), "source_sha256": source_sha, "method": "as-is",
-                       "quantization": quant},
+            **record,
+            **fill(work_dir),
             "fingerprint": fingerprints.model_fingerprint(work_dir),
             "tokenizer_fingerprint": fingerprints.tokenizer_fingerprint(work_dir),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
