@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from server import logging_setup
 
-    logging_setup.configure(args.log_level)
+    logging_setup.configure_logging(args.log_level)
     logging.getLogger(__name__).debug("args: %s", vars(args))
     return int(args.func(args) or 0)
 
