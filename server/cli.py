@@ -126,7 +126,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from server import app
 
-    return app.main(server_config_from_args(args), with_datastore=not args.no_datastore)
+    try:
+        config = server_config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return app.main(config, with_datastore=not args.no_datastore)
+    except app.startup_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 # ---- wiring ----------------------------------------------------------------------------------

@@ -57,8 +57,12 @@ def detect_device() -> str:
 class Engine:
     """One vLLM AsyncLLM plus the tokenizer of the served model."""
 
-    def __init__(self, llm, tokenizer, config: EngineConfig, served_dir: Path, served_what: str):
+    def __init__(self, llm, tokenizer, config: EngineConfig, served_dir: Path, served_what: str,
+                 device: str = "cpu"):
         self._llm = llm
+        self.device = device
+        self.dtype = config.dtype
+        """Resolved activation dtype (Engine.start replaces "auto")."""
         self.tokenizer = tokenizer
         self.config = config
         self.served_dir = served_dir
@@ -74,10 +78,11 @@ class Engine:
 
         device = device or detect_device()
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
+        dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
         args = AsyncEngineArgs(
             model=str(served_dir),
             tokenizer=str(served_dir),
-            dtype=config.dtype,
+            dtype=dtype,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
@@ -91,8 +96,10 @@ class Engine:
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(served_dir)
-        log.info("engine ready: %s (%s) on %s", config.model_dir, served_what, device)
-        return cls(llm, tokenizer, config, served_dir, served_what)
+        log.info("engine ready: %s (%s, %s) on %s", config.model_dir, served_what, dtype, device)
+        engine = cls(llm, tokenizer, config, served_dir, served_what, device)
+        engine.dtype = dtype
+        return engine
 
     @property
     def errored(self) -> bool:

@@ -155,8 +155,10 @@ class Generator:
                 query_ids = history[-settings.query_tokens :]
                 query_text, neighbours, seconds = await self.retrieve(query_ids, settings.neighbours)
                 retrieval_s += seconds
+                start_char = len(self.decode(generated))
                 event = RetrievalEvent(
-                    query_text, len(generated), len(generated), neighbours=neighbours, seconds=seconds
+                    query_text, len(generated), len(generated), start_char, start_char,
+                    neighbours=neighbours, seconds=seconds,
                 )
                 retrievals.append(event)
                 pending.append(event)
@@ -229,9 +231,12 @@ class Generator:
         if stop_reason != StopReason.STOP_SEQUENCE:
             final_text = self.decode(generated)
         if retrievals:
-            _char_spans(retrievals, generated, self.decode)
+            _char_spans(retrievals, generated, self.decode, len(final_text))
         if self.metrics is not None:
-            self.metrics.observe_generation(len(prompt_ids), len(generated), len(retrievals), cached_tokens)
+            self.metrics.observe_generation(
+                len(prompt_ids), len(generated), len(retrievals), cached_tokens,
+                engine_prompt_tokens=engine_prompt_tokens,
+            )
         result = GenerationResult(
             text=final_text,
             token_ids=generated,
@@ -264,7 +269,8 @@ def _find_stop(text: str, stops: Sequence[str], emitted: int, max_stop: int) -> 
     return best
 
 
-def _char_spans(retrievals: list[RetrievalEvent], generated: list[int], decode) -> None:
+def _char_spans(retrievals: list[RetrievalEvent], generated: list[int], decode, text_chars: int) -> None:
+    """Character spans into the returned text (clamped: a matched stop sequence may cut it)."""
     for event in retrievals:
-        event.start_char = len(decode(generated[: event.start_token]))
-        event.end_char = len(decode(generated[: event.end_token]))
+        event.start_char = min(len(decode(generated[: event.start_token])), text_chars)
+        event.end_char = min(len(decode(generated[: event.end_token])), text_chars)

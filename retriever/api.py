@@ -1,0 +1,93 @@
+"""The retrieval side of a running server: open the datastore, put the cache and batcher in front.
+
+`open_for_serving` is what `retroserve serve` calls once the engine is up. It builds the default
+datastore first when the configured one is the default and does not exist yet (so a fresh machine
+serves with retrieval after one command), refuses a datastore built with another tokenizer, warms
+the query encoder so the first request does not pay for loading it, and wires metrics into the
+one search function every retrieval goes through.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from retriever import fingerprints
+from retriever.batcher import RetrievalBatcher
+from retriever.cache import CachedSearcher, QueryCache
+from retriever.datastore import Datastore, DatastoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingRetrieval:
+    """The datastore, the cached searcher in front of it, and the batcher requests go through."""
+
+    datastore: Datastore
+    searcher: CachedSearcher
+    batcher: RetrievalBatcher
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.datastore.close()
+
+
+def ensure_datastore(datastore_dir: Path, model_dir: Path) -> Path:
+    """Return `datastore_dir`, building the default datastore there first if it is the default
+    path and missing; any other missing path is an error that says how to build it."""
+    from server import paths
+
+    datastore_dir = Path(datastore_dir)
+    if (datastore_dir / "manifest.json").is_file():
+        return datastore_dir
+    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
+        raise DatastoreError(
+            f"no datastore at {datastore_dir}: build one with `retroserve datastore build FILES... "
+            f"-o {datastore_dir}`, or serve with --no-datastore"
+        )
+    from datastore_tools.build import BuildConfig, build_datastore
+
+    log.info("default datastore missing: building it from pydoc_data.topics into %s", datastore_dir)
+    build_datastore(BuildConfig(output=datastore_dir, model_dir=Path(model_dir), default_corpus=True,
+                                progress=False))
+    return datastore_dir
+
+
+def metered_search(searcher: CachedSearcher, metrics=None):
+    """The batcher's search function: a cached batched search that reports phases and cache use."""
+
+    def search(texts, k):
+        before = _cache_counts(searcher.cache)
+        results = searcher.search_texts(texts, k)
+        if metrics is not None:
+            after = _cache_counts(searcher.cache)
+            metrics.observe_cache(
+                hits=after[0] - before[0], approximate_hits=after[1] - before[1], misses=after[2] - before[2]
+            )
+            metrics.observe_timing(results.timing)
+        return results
+
+    return search
+
+
+def _cache_counts(cache: QueryCache) -> tuple[int, int, int]:
+    stats = cache.stats
+    return stats.hits, stats.approximate_hits, stats.misses
+
+
+def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetrieval:
+    """Open the configured datastore for a server whose model is `config.engine.model_dir`."""
+    model_dir = Path(config.engine.model_dir)
+    path = ensure_datastore(config.retrieval.datastore_dir, model_dir)
+    datastore = Datastore.open(
+        path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device
+    )
+    datastore.encode(["warm-up"])  # loads MiniLM now rather than in the first request
+    cache = QueryCache(capacity=config.retrieval.cache_size)
+    searcher = CachedSearcher(datastore, cache)
+    batcher = RetrievalBatcher(
+        metered_search(searcher, metrics), window_s=config.retrieval.batch_window_ms / 1000.0
+    )
+    return ServingRetrieval(datastore, searcher, batcher)

@@ -1,0 +1,409 @@
+"""The real server on loopback: vLLM engine, FAISS datastore, gRPC, health, metrics.
+
+One server runs for the whole module (vLLM takes about a minute to load on this machine). The
+model is the default prepared checkpoint (built once under .test-artefacts/, or the directory in
+RETROSERVE_TEST_MODEL_DIR); the datastore is the small test corpus built with that model's
+tokenizer. References: HF transformers for greedy output, the datastore's exact Flat search for
+neighbours, the model's tokenizer for Tokenize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.retroserve.v1 import retroserve_pb2 as pb
+from server.client import RetroserveClient, build_generate_request
+from server.config import EngineConfig, Limits, RetrievalDefaults, ServerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "The assert statement in Python"
+LONG_WAIT_S = 120
+
+
+@pytest.fixture(scope="session")
+def prepared_model_dir() -> Path:
+    """The default 4-bit model, prepared once per checkout (minutes the first time)."""
+    from server import model_prep, paths
+
+    override = os.environ.get("RETROSERVE_TEST_MODEL_DIR")
+    if override:
+        return Path(override)
+    output = Path(os.environ.get("RETROSERVE_TEST_ARTEFACTS", REPO / ".test-artefacts")) / "models"
+    return model_prep.prepare(output_dir=output / paths.DEFAULT_MODEL_NAME).path
+
+
+@pytest.fixture(scope="module")
+def server_datastore(tmp_path_factory, corpus_dir, prepared_model_dir, encoder) -> Path:
+    from datastore_tools.build import BuildConfig, build_datastore
+
+    output = tmp_path_factory.mktemp("server-datastore") / "small"
+    build_datastore(BuildConfig(output=output, model_dir=prepared_model_dir, inputs=[corpus_dir], index="Flat",
+                                progress=False), encoder=encoder)
+    return output
+
+
+class ServerThread:
+    """The asyncio server in its own thread and event loop, as `retroserve serve` runs it."""
+
+    def __init__(self, config: ServerConfig):
+        from server import app
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
+        self.thread.start()
+        self.running = self.call(app.start(config), timeout=600)
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coroutine, timeout: float = LONG_WAIT_S):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.running.shutdown(5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(prepared_model_dir, server_datastore):
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
+        engine=EngineConfig(model_dir=prepared_model_dir, kv_cache_gib=1.0, max_num_seqs=8),
+        retrieval=RetrievalDefaults(datastore_dir=server_datastore, batch_window_ms=50.0),
+        limits=Limits(max_queue=4, max_prompt_tokens=1024, max_new_tokens=512),
+    )
+    running = ServerThread(config)
+    yield running
+    if not running.running.stopped.is_set():
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RetroserveClient(server.address, timeout=LONG_WAIT_S) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def hf_model(server):
+    """HF transformers on the served 4-bit weights, dequantized (the reference for greedy output)."""
+    from transformers import AutoModelForCausalLM
+
+    from server import checkpoint
+
+    dense_dir = checkpoint.ensure_dense_copy(server.running.engine.config.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, torch_dtype="float32")
+    model.eval()
+    return model
+
+
+def wait_until(predicate, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def engine_idle(server) -> bool:
+    return server.running.engine.num_unfinished_requests() == 0 and server.running.service.admission.admitted == 0
+
+
+# -- health, reflection, info, tokenize -------------------------------------------------------------
+
+
+def test_health_serving_and_reflection_lists_services(server, client):
+    assert client.health("") == "SERVING"
+    assert client.health("retroserve.v1.Retroserve") == "SERVING"
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert {"retroserve.v1.Retroserve", "grpc.health.v1.Health"} <= names
+
+
+def test_info_reports_model_datastore_and_limits(server, client, prepared_model_dir, server_datastore):
+    from retriever import fingerprints
+    from retriever.datastore import Datastore
+
+    info = client.info()
+    assert info.model.path == str(prepared_model_dir)
+    assert info.model.tokenizer_fingerprint == fingerprints.tokenizer_fingerprint(prepared_model_dir)
+    assert info.model.fingerprint.startswith("model-sha256:")
+    assert "gptq 4-bit group 32" in info.model.quantization
+    assert info.model.max_model_len == 2048
+    assert info.datastore.loaded and info.datastore.path == str(server_datastore)
+    with Datastore.open(server_datastore) as datastore:
+        assert info.datastore.entry_count == datastore.ntotal
+    assert info.datastore.index_factory == "Flat"
+    assert info.limits.max_queue == 4 and info.limits.max_prompt_tokens == 1024
+    assert pb.RETRIEVAL_MODE_CHUNK in info.retrieval_defaults.available_modes
+    assert info.retrieval_defaults.mode == pb.RETRIEVAL_MODE_CHUNK
+
+
+def test_tokenize_matches_the_model_tokenizer(server, client, prepared_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared_model_dir)
+    text = "def f(x):\n    return x ** 2  # héllo"
+    reply = client.tokenize(text, return_tokens=True)
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert list(reply.token_ids) == expected and reply.token_count == len(expected)
+    assert list(reply.tokens) == tokenizer.convert_ids_to_tokens(expected)
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+
+def test_greedy_without_retrieval_equals_transformers(server, client, hf_model):
+    import torch
+
+    reply = client.generate(PROMPT, mode="none", max_new_tokens=16, return_token_ids=True)
+    tokenizer = server.running.engine.tokenizer
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = hf_model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1]:]
+    assert list(reply.token_ids) == expected.tolist()
+    assert reply.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert reply.stop_reason == pb.STOP_REASON_MAX_TOKENS
+    assert reply.generated_token_count == 16 and reply.prompt_token_count == prompt_ids.shape[1]
+    assert not reply.HasField("seed") and len(reply.retrievals) == 0
+
+
+def test_stream_carries_the_same_output_as_unary(server, client):
+    options = dict(mode="chunk", max_new_tokens=24, stride=8, return_token_ids=True, return_provenance=True)
+    unary = client.generate(PROMPT, **options)
+    messages = list(client.generate_stream(PROMPT, **options))
+    assert "".join(m.text for m in messages) == unary.text
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    last = messages[-1]
+    assert last.stop_reason == pb.STOP_REASON_MAX_TOKENS and last.generated_token_count == 24
+    assert all(m.stop_reason == pb.STOP_REASON_UNSPECIFIED for m in messages[:-1])
+    streamed = [r for m in messages for r in m.retrievals]
+    assert [r.start_token for r in streamed] == [r.start_token for r in unary.retrievals] == [0, 8, 16]
+    assert all(r.end_token == r.start_token for r in streamed)  # open spans in the stream
+    assert [[n.chunk_id for n in r.neighbours] for r in streamed] == [
+        [n.chunk_id for n in r.neighbours] for r in unary.retrievals
+    ]
+
+
+def test_chunk_retrieval_provenance_matches_exact_search(server, client, server_datastore):
+    from retriever.datastore import Datastore
+
+    reply = client.generate(PROMPT, mode="chunk", neighbours=2, stride=8, query_tokens=16, max_new_tokens=24,
+                            return_provenance=True, return_token_ids=True)
+    assert [(r.start_token, r.end_token) for r in reply.retrievals] == [(0, 8), (8, 16), (16, 24)]
+    assert reply.retrievals[-1].end_char == len(reply.text)
+    assert reply.timing.retrievals == 3
+    with Datastore.open(server_datastore) as datastore:
+        exact = datastore.search_texts([r.query_text for r in reply.retrievals], 2)
+    for retrieval, expected in zip(reply.retrievals, exact):
+        assert [n.chunk_id for n in retrieval.neighbours] == [n.chunk_id for n in expected]
+        assert [n.score for n in retrieval.neighbours] == pytest.approx([n.score for n in expected], abs=1e-4)
+        assert retrieval.neighbours[0].text == expected[0].text
+    # The first query is the prompt itself (shorter than query_tokens).
+    assert reply.retrievals[0].query_text == PROMPT
+    retrieved = client.retrieve(reply.retrievals[1].query_text, neighbours=2)
+    assert [n.chunk_id for n in retrieved.neighbours] == [n.chunk_id for n in reply.retrievals[1].neighbours]
+    assert retrieved.timing.total_ms > 0
+
+
+def test_retrieval_changes_the_context(server, client):
+    """With neighbours in the context the engine sees more prompt tokens than the user's prompt."""
+    plain = client.generate(PROMPT, mode="none", max_new_tokens=8)
+    retrieved = client.generate(PROMPT, mode="chunk", max_new_tokens=8, stride=8)
+    assert plain.prefix_cache.engine_prompt_tokens == plain.prompt_token_count
+    assert retrieved.prefix_cache.engine_prompt_tokens > retrieved.prompt_token_count + 64
+
+
+def test_prefix_cache_reuse_is_measured(server, client):
+    """A prompt of several KV blocks: the after_prompt layout keeps it first, so re-prompts reuse it."""
+    from pydoc_data.topics import topics
+
+    prompt = topics["while"][:1500]
+    reply = client.generate(prompt, mode="chunk", layout="after_prompt", stride=4, max_new_tokens=12)
+    assert reply.prompt_token_count > 256
+    assert reply.timing.retrievals == 3
+    assert reply.prefix_cache.cached_prompt_tokens >= 256  # later segments reuse the prompt's blocks
+    assert reply.prefix_cache.cached_prompt_tokens < reply.prefix_cache.engine_prompt_tokens
+
+
+def test_stop_sequence_cuts_the_text(server, client):
+    greedy = client.generate(PROMPT, mode="none", max_new_tokens=24).text
+    stop = greedy[8:12]
+    cut = client.generate(PROMPT, mode="none", max_new_tokens=24, stop_sequences=[stop])
+    assert cut.stop_reason == pb.STOP_REASON_STOP_SEQUENCE and cut.stop_sequence == stop
+    assert cut.text == greedy[: greedy.index(stop)]
+    kept = client.generate(PROMPT, mode="none", max_new_tokens=24, stop_sequences=[stop], include_stop_sequence=True)
+    assert kept.text == greedy[: greedy.index(stop) + len(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_reports_its_seed(server, client):
+    options = dict(mode="none", max_new_tokens=12, temperature=1.0, top_p=0.95)
+    first = client.generate(PROMPT, seed=1234, **options)
+    again = client.generate(PROMPT, seed=1234, **options)
+    assert first.text == again.text and first.seed == 1234
+    unseeded = client.generate(PROMPT, **options)
+    assert unseeded.HasField("seed")
+    replay = client.generate(PROMPT, seed=unseeded.seed, **options)
+    assert replay.text == unseeded.text
+
+
+def test_time_limit_stops_generation(server, client):
+    reply = client.generate(PROMPT, mode="none", max_new_tokens=500, time_limit_ms=300)
+    assert reply.stop_reason == pb.STOP_REASON_TIME_LIMIT
+    assert reply.generated_token_count < 500
+    assert wait_until(lambda: engine_idle(server))
+
+
+def test_concurrent_requests_share_retrieval_batches(server, client):
+    batcher = server.running.retrieval.batcher
+    searches_before, calls_before = batcher.stats.searches, batcher.stats.calls
+    prompts = [f"{PROMPT} number {i}" for i in range(4)]
+    with futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda p: client.generate(p, mode="chunk", max_new_tokens=8, stride=8), prompts))
+    assert all(r.stop_reason == pb.STOP_REASON_MAX_TOKENS for r in replies)
+    calls = batcher.stats.calls - calls_before
+    searches = batcher.stats.searches - searches_before
+    assert calls == 4 and searches < calls  # the 50 ms window coalesced concurrent retrievals
+
+
+# -- refusals, cancellation, overload ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(temperature=-1.0), "sampling.temperature"),
+        (dict(max_new_tokens=100_000), "stopping.max_new_tokens"),
+        (dict(mode="token"), "retrieval.mode"),
+        (dict(mode="chunk", neighbours=99), "retrieval.neighbours"),
+        (dict(stride=0), "retrieval.stride"),
+    ],
+)
+def test_invalid_requests_are_refused_with_the_field_named(server, client, options, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, **options)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+
+
+def test_prompt_longer_than_the_limit_is_refused(server, client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("word " * 2000, mode="none")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1024" in caught.value.details()
+
+
+def test_cancelled_stream_aborts_the_engine_request(server, client):
+    stream = client.stub.GenerateStream(build_generate_request(PROMPT, mode="chunk", max_new_tokens=400, stride=16))
+    first = next(stream)
+    assert first.text or first.retrievals
+    stream.cancel()
+    assert wait_until(lambda: engine_idle(server)), "engine request still running after cancel"
+    assert client.health() == "SERVING"
+
+
+def test_deadline_exceeded_aborts_the_engine_request(server, client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, mode="none", max_new_tokens=400, timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: engine_idle(server))
+
+
+def test_requests_beyond_the_queue_bound_get_resource_exhausted(server, client):
+    request = build_generate_request(PROMPT, mode="none", max_new_tokens=400)
+    streams = [client.stub.GenerateStream(request) for _ in range(4)]
+    try:
+        for stream in streams:
+            next(stream)  # all four admitted and decoding
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(PROMPT, mode="none", max_new_tokens=4)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.perf_counter() - started < 2.0  # refused at once, not queued
+    finally:
+        for stream in streams:
+            stream.cancel()
+    assert wait_until(lambda: engine_idle(server))
+    assert client.generate(PROMPT, mode="none", max_new_tokens=2).generated_token_count == 2
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def scrape(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10).read()
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_endpoint_reports_requests_latency_retrieval_and_engine(server, client):
+    client.generate(PROMPT, mode="chunk", max_new_tokens=8, stride=4)
+    samples = scrape(server)
+    assert samples['retroserve_requests_total{code="OK",rpc="Generate"}'] >= 1
+    assert samples['retroserve_errors_total{code="INVALID_ARGUMENT",rpc="Generate"}'] >= 1
+    assert samples['retroserve_request_duration_seconds_count{mode="chunk",rpc="Generate"}'] >= 1
+    assert samples['retroserve_time_to_first_token_seconds_count{mode="chunk"}'] >= 1
+    assert samples['retroserve_inter_token_latency_seconds_count{mode="chunk"}'] >= 7
+    assert samples["retroserve_retrieval_duration_seconds_count{}"] >= 2
+    for phase in ("embed", "search", "payload"):
+        assert samples[f'retroserve_retrieval_phase_duration_seconds_count{{phase="{phase}"}}'] >= 1
+    assert samples['retroserve_retrieval_cache_hits_total{kind="exact"}'] >= 1  # repeated prompts above
+    assert samples["retroserve_retrieval_cache_misses_total{}"] >= 1
+    assert samples["retroserve_engine_prompt_tokens_total{}"] > samples["retroserve_prompt_tokens_total{}"]
+    assert samples["retroserve_generated_tokens_total{}"] >= 8
+    assert samples["retroserve_requests_running{}"] == 0 and samples["retroserve_requests_waiting{}"] == 0
+    assert any(name.startswith("vllm:") for name in samples), "vLLM's engine metrics are missing"
+
+
+# -- CLI and shutdown (last: it stops the module's server) -------------------------------------------
+
+
+def test_generate_cli_streams_from_the_server(server, capsys):
+    from server import cli
+
+    code = cli.main(["generate", "--address", server.address, "--mode", "chunk", "--max-new-tokens", "8",
+                     "--provenance", PROMPT])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "8 tokens; stop: max_tokens" in out and "provenance" in out
+
+
+def test_serve_cli_names_a_missing_model_and_the_fix(tmp_path, capsys):
+    from server import cli
+
+    code = cli.main(["serve", "--model-dir", str(tmp_path / "missing"), "--address", "127.0.0.1:0",
+                     "--metrics-address", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no prepared model" in err and "retroserve model prepare" in err
+
+
+def test_shutdown_drains_in_flight_requests(server, client):
+    stream = client.stub.GenerateStream(build_generate_request(PROMPT, mode="none", max_new_tokens=24))
+    first = next(stream)
+    stopping = futures.ThreadPoolExecutor(1).submit(server.stop)
+    rest = list(stream)  # the admitted request finishes during the drain
+    assert rest[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS
+    assert len(first.text + "".join(m.text for m in rest)) > 0
+    stopping.result(60)
+    assert server.running.stopped.is_set()
+    with pytest.raises(grpc.RpcError):
+        RetroserveClient(server.address, timeout=2).health()
