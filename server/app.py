@@ -40,6 +40,8 @@ class RunningServer:
     service: object | None = None
     engine: object | None = None
     retrieval: object | None = None
+    metrics: object | None = None
+    metrics_server: object | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = 0
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -67,6 +69,12 @@ class RunningServer:
             await self.retrieval.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if self.metrics_server is not None:
+            from server.metrics import stop_metrics_server
+
+            stop_metrics_server(*self.metrics_server)
+        if self.metrics is not None:
+            self.metrics.close()
         self.stopped.set()
 
 
@@ -75,18 +83,28 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def ensure_model(config: ServerConfig) -> None:
-    """Prepare the default model on first use; any other missing model is an error with the fix."""
-    from server import model_prep, paths
+def check_model(config: ServerConfig) -> bool:
+    """True if the model is prepared, False if it is the default one and must be prepared first;
+    any other missing model is an error that names the fix (raised before any port opens)."""
+    from server import paths
 
     model_dir = config.engine.model_dir
     if (model_dir / "config.json").is_file():
-        return
+        return True
     if model_dir.resolve() != paths.default_model_dir().resolve():
         raise FileNotFoundError(
             f"no prepared model at {model_dir}: run `retroserve model prepare --source SOURCE "
             f"--output {model_dir}`, or pass --model-dir of a prepared model"
         )
+    return False
+
+
+def ensure_model(config: ServerConfig) -> None:
+    """Prepare the default model on first use (minutes, once)."""
+    from server import model_prep
+
+    if check_model(config):
+        return
     log.info("default model missing: preparing it (minutes, once)")
     model_prep.ensure_default_model()
 
@@ -111,12 +129,14 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     """Start everything; returns once health is SERVING (or raises if loading failed)."""
     from server import service as service_module
     from server.errors import ErrorInterceptor
-    from server.metrics import Metrics, start_metrics_server
+    from server.metrics import Metrics, start_metrics_server, stop_metrics_server
 
+    check_model(config)
     metrics = Metrics(registry=registry)
     try:
-        _, _, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
+        metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
     except OSError as error:
+        metrics.close()
         raise OSError(f"cannot listen for metrics on {config.metrics_address} ({error.strerror}); "
                       "is another server running? choose another --metrics-address") from error
     server = grpc.aio.server(
@@ -139,9 +159,12 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     try:
         bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
     except RuntimeError as error:
+        stop_metrics_server(metrics_http, metrics_thread)
+        metrics.close()
         raise OSError(f"cannot listen for gRPC on {config.address} ({error}); is another server "
                       "running? choose another --address") from error
-    running = RunningServer(server, bound, metrics_port, health)
+    running = RunningServer(server, bound, metrics_port, health, metrics=metrics,
+                            metrics_server=(metrics_http, metrics_thread))
     await running.set_serving(False)
     await server.start()
     log.info("gRPC listening on %s:%d (NOT_SERVING while loading); metrics on :%d", host, bound, metrics_port)

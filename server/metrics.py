@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "retroserve"
 
@@ -118,10 +119,17 @@ class Metrics:
             name("prefix_cache_cached_tokens"),
             "Of the engine prompt tokens, those served from vLLM's prefix cache.", **common)
         # Series with a fixed label set exist from the start, so rate() works before the first event.
+        self._collectors = [value for value in vars(self).values() if isinstance(value, MetricWrapperBase)]
         for phase in RETRIEVAL_PHASES:
             self.retrieval_phase_latency.labels(phase=phase)
         for kind in CACHE_KINDS:
             self.cache_hits.labels(kind=kind)
+
+    def close(self) -> None:
+        """Unregister from the registry, so a later server in the same process can register."""
+        for collector in self._collectors:
+            self.registry.unregister(collector)
+        self._collectors = []
 
     # -- called by the error interceptor -------------------------------------------------------
 

@@ -134,7 +134,6 @@ def test_health_serving_and_reflection_lists_services(server, client):
 
 def test_info_reports_model_datastore_and_limits(server, client, prepared_model_dir, server_datastore):
     from retriever import fingerprints
-    from retriever.datastore import Datastore
 
     info = client.info()
     assert info.model.path == str(prepared_model_dir)
@@ -143,8 +142,7 @@ def test_info_reports_model_datastore_and_limits(server, client, prepared_model_
     assert "gptq 4-bit group 32" in info.model.quantization
     assert info.model.max_model_len == 2048
     assert info.datastore.loaded and info.datastore.path == str(server_datastore)
-    with Datastore.open(server_datastore) as datastore:
-        assert info.datastore.entry_count == datastore.ntotal
+    assert info.datastore.entry_count == server.running.retrieval.datastore.ntotal > 0
     assert info.datastore.index_factory == "Flat"
     assert info.limits.max_queue == 4 and info.limits.max_prompt_tokens == 1024
     assert pb.RETRIEVAL_MODE_CHUNK in info.retrieval_defaults.available_modes
@@ -197,16 +195,18 @@ def test_stream_carries_the_same_output_as_unary(server, client):
     ]
 
 
-def test_chunk_retrieval_provenance_matches_exact_search(server, client, server_datastore):
-    from retriever.datastore import Datastore
+def test_chunk_retrieval_provenance_matches_exact_search(server, client):
+    """Neighbours in provenance equal a direct search of the (Flat, so exact) index, uncached.
 
+    (LMDB allows one open environment per path and process, so the server's Datastore is used.)"""
     reply = client.generate(PROMPT, mode="chunk", neighbours=2, stride=8, query_tokens=16, max_new_tokens=24,
                             return_provenance=True, return_token_ids=True)
     assert [(r.start_token, r.end_token) for r in reply.retrievals] == [(0, 8), (8, 16), (16, 24)]
     assert reply.retrievals[-1].end_char == len(reply.text)
     assert reply.timing.retrievals == 3
-    with Datastore.open(server_datastore) as datastore:
-        exact = datastore.search_texts([r.query_text for r in reply.retrievals], 2)
+    datastore = server.running.retrieval.datastore
+    assert datastore.manifest["index"]["factory"] == "Flat"
+    exact = datastore.search_texts([r.query_text for r in reply.retrievals], 2)
     for retrieval, expected in zip(reply.retrievals, exact):
         assert [n.chunk_id for n in retrieval.neighbours] == [n.chunk_id for n in expected]
         assert [n.score for n in retrieval.neighbours] == pytest.approx([n.score for n in expected], abs=1e-4)
@@ -230,7 +230,7 @@ def test_prefix_cache_reuse_is_measured(server, client):
     """A prompt of several KV blocks: the after_prompt layout keeps it first, so re-prompts reuse it."""
     from pydoc_data.topics import topics
 
-    prompt = topics["while"][:1500]
+    prompt = (topics["while"] + topics["for"])[:3000]
     reply = client.generate(prompt, mode="chunk", layout="after_prompt", stride=4, max_new_tokens=12)
     assert reply.prompt_token_count > 256
     assert reply.timing.retrievals == 3
@@ -381,9 +381,9 @@ def test_generate_cli_streams_from_the_server(server, capsys):
 
     code = cli.main(["generate", "--address", server.address, "--mode", "chunk", "--max-new-tokens", "8",
                      "--provenance", PROMPT])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    assert "8 tokens; stop: max_tokens" in out and "provenance" in out
+    assert "8 tokens; stop: max_tokens" in captured.err and "provenance" in captured.out
 
 
 def test_serve_cli_names_a_missing_model_and_the_fix(tmp_path, capsys):
