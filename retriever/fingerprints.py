@@ -8,6 +8,7 @@ needs the same weights. Both fingerprints are sha256 over file contents, never o
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 # Files that define a tokenizer's behaviour, hashed in this order when present.
@@ -31,8 +32,23 @@ def _hash_files(paths: list[Path], digest: "hashlib._Hash") -> None:
                 digest.update(block)
 
 
+RUNTIME_CONFIG_KEYS = frozenset({"local_files_only", "is_local", "cache_dir", "token", "_commit_hash",
+                                 "name_or_path", "trust_remote_code"})
+"""Keys transformers writes into tokenizer_config.json from how it was loaded (e.g. HF_HUB_OFFLINE
+sets local_files_only), not from what the tokenizer does; they must not change the fingerprint."""
+
+
+def _canonical_tokenizer_config(path: Path) -> bytes:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    behaviour = {key: value for key, value in config.items() if key not in RUNTIME_CONFIG_KEYS}
+    return json.dumps(behaviour, sort_keys=True, separators=(",", ":")).encode()
+
+
 def tokenizer_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the tokenizer files of a model directory (prefixed 'tok-sha256:')."""
+    """sha256 over the tokenizer files of a model directory (prefixed 'tok-sha256:').
+
+    tokenizer_config.json is hashed as canonical JSON without RUNTIME_CONFIG_KEYS, so the same
+    tokenizer saved in two environments has one fingerprint."""
     model_dir = Path(model_dir)
     files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     if not files:
@@ -41,7 +57,13 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
             "prepare the model with `retroserve model prepare`"
         )
     digest = hashlib.sha256()
-    _hash_files(files, digest)
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        if path.name == "tokenizer_config.json":
+            digest.update(_canonical_tokenizer_config(path))
+        else:
+            digest.update(path.read_bytes())
     return "tok-sha256:" + digest.hexdigest()
 
 

@@ -228,7 +228,7 @@ def prepare(
     existing = read_record(output_dir)
     if existing and not force and existing.get("recipe") == asdict(recipe):
         log.info("model already prepared at %s", output_dir)
-        return PreparedModel(output_dir, existing["fingerprint"], existing["tokenizer_fingerprint"], existing)
+        return _reused(output_dir, existing)
 
     return _build_and_publish(
         output_dir,
@@ -242,7 +242,7 @@ def _register_prequantized(source: Path, output_dir: Path, quant: dict, force: b
     existing = read_record(output_dir)
     source_sha = sha256_dir(source)
     if existing and not force and existing.get("recipe", {}).get("source_sha256") == source_sha:
-        return PreparedModel(output_dir, existing["fingerprint"], existing["tokenizer_fingerprint"], existing)
+        return _reused(output_dir, existing)
     recipe = {"source": str(source), "source_sha256": source_sha, "method": "as-is", "quantization": quant}
 
     def copy_checkpoint(work_dir: Path) -> dict:
@@ -250,6 +250,13 @@ def _register_prequantized(source: Path, output_dir: Path, quant: dict, force: b
         return {}
 
     return _build_and_publish(output_dir, {"recipe": recipe}, copy_checkpoint)
+
+
+def _reused(output_dir: Path, record: dict) -> PreparedModel:
+    """A cached model, with fingerprints computed now (the record's may predate a change in how
+    fingerprints are computed; what datastores compare against is always the live value)."""
+    return PreparedModel(output_dir, fingerprints.model_fingerprint(output_dir),
+                         fingerprints.tokenizer_fingerprint(output_dir), record)
 
 
 def _build_and_publish(output_dir: Path, record: dict, fill) -> PreparedModel:

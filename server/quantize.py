@@ -106,7 +106,7 @@ class HessianCollector:
     def __init__(self, modules: dict[str, nn.Linear]):
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self._last_key: tuple | None = None
+        self._last_input: torch.Tensor | None = None
         self._last_gram: torch.Tensor | None = None
         self._handles = [
             module.register_forward_hook(self._hook(name)) for name, module in modules.items()
@@ -114,12 +114,14 @@ class HessianCollector:
 
     def _hook(self, name: str):
         def accumulate(_module, inputs, _output):
-            x = inputs[0].detach()
-            # q/k/v (and gate/up) read the same tensor: compute its X^T X once.
-            key = (x.data_ptr(), tuple(x.shape))
-            if self._last_key != key:
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                self._last_key, self._last_gram = key, (flat.t() @ flat).to(torch.float64)
+            x = inputs[0]
+            # q/k/v (and gate/up) read the same tensor object: compute its X^T X once. Identity,
+            # not the data pointer: the allocator reuses a freed input's address for the next
+            # layer's input of the same shape, which made o_proj/gate_proj take a stale X^T X.
+            # Holding the reference keeps the address from being reused while it is compared.
+            if self._last_input is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                self._last_input, self._last_gram = x, (flat.t() @ flat).to(torch.float64)
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros_like(self._last_gram)
                 self.counts[name] = 0
@@ -131,6 +133,7 @@ class HessianCollector:
     def close(self) -> dict[str, torch.Tensor]:
         for handle in self._handles:
             handle.remove()
+        self._last_input = self._last_gram = None
         return {name: h / max(self.counts[name], 1) for name, h in self.hessians.items()}
 
 

@@ -108,11 +108,10 @@ def _summary_fields(result: GenerationResult, request: GenerationRequest, reques
 
 
 def _model_info(config: ServerConfig, engine) -> pb.ModelInfo:
+    """Computed once at start: fingerprints hash the weights (~0.3 s for the default model)."""
     from retriever import fingerprints
 
     model_dir = Path(config.engine.model_dir)
-    record_path = model_dir / "retroserve_model.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     quant = (json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {})
     quantization = (
         f"{quant.get('quant_method', '?')} {quant.get('bits', '?')}-bit group {quant.get('group_size', '?')}"
@@ -122,8 +121,8 @@ def _model_info(config: ServerConfig, engine) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=model_dir.name,
         path=str(model_dir),
-        fingerprint=record.get("fingerprint", ""),
-        tokenizer_fingerprint=record.get("tokenizer_fingerprint") or fingerprints.tokenizer_fingerprint(model_dir),
+        fingerprint=fingerprints.model_fingerprint(model_dir),
+        tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir),
         quantization=quantization,
         dtype=engine.dtype,
         max_model_len=engine.max_model_len,
@@ -172,6 +171,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
             has_chunk_datastore=retrieval is not None,
         )
         self.admission = Admission(config.limits.max_queue, metrics)
+        self.model_info = _model_info(config, engine)
         self.draining = False
         try:
             self.version = importlib.metadata.version("retroserve")
@@ -293,7 +293,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
-            model=_model_info(self.config, self.engine),
+            model=self.model_info,
             datastore=_datastore_info(self.retrieval),
             limits=pb_convert.limits_to_pb(self.config.limits),
             retrieval_defaults=pb_convert.retrieval_defaults_to_pb(

@@ -275,3 +275,20 @@ def test_default_corpus_build_through_cli(tokenizer_dir, tmp_path, capsys):
     assert verify_datastore(output) == []
     code, out, _ = run_cli(["search", str(output), "how does the with statement work", "-k", "3"], capsys)
     assert "pydoc_data.topics:" in out
+
+
+def test_tokenizer_fingerprint_ignores_how_the_tokenizer_was_loaded(tokenizer_dir, tmp_path):
+    """transformers writes local_files_only (from HF_HUB_OFFLINE) into tokenizer_config.json;
+    the same tokenizer saved online and offline must keep one fingerprint, another must not."""
+    import shutil
+
+    copy = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, copy)
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["local_files_only"] = not config.get("local_files_only", False)
+    config_path.write_text(json.dumps(config, indent=4))
+    assert fingerprints.tokenizer_fingerprint(copy) == fingerprints.tokenizer_fingerprint(tokenizer_dir)
+    config["eos_token"] = "<|endoftext|>" if config.get("eos_token") != "<|endoftext|>" else "<|im_end|>"
+    config_path.write_text(json.dumps(config))
+    assert fingerprints.tokenizer_fingerprint(copy) != fingerprints.tokenizer_fingerprint(tokenizer_dir)

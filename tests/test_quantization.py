@@ -56,3 +56,45 @@ def test_gptq_beats_rtn_on_layer_output_error():
     rtn = output_error(*quantize.quantize_rtn(weight, 64))
     gptq = output_error(*quantize.quantize_gptq(weight, hessian, 64))
     assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+class _Block(torch.nn.Module):
+    """q/k share one input; o reads a fresh tensor of the same shape, created after q's input
+    died - the case where the allocator hands o's input the address q's input had."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16, bias=False)
+        self.k = torch.nn.Linear(16, 16, bias=False)
+        self.o = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        normed = x * 2.0
+        mixed = self.q(normed) + self.k(normed)
+        del normed
+        return self.o(torch.tanh(mixed))
+
+
+def test_hessian_collector_equals_explicit_gram_matrices():
+    from server.quantize import HessianCollector
+
+    torch.manual_seed(0)
+    block = _Block()
+    inputs = [torch.randn(3, 7, 16) for _ in range(4)]
+    collector = HessianCollector({"q": block.q, "k": block.k, "o": block.o})
+    with torch.no_grad():
+        for x in inputs:
+            block(x)
+    hessians = collector.close()
+
+    def gram(rows):
+        flat = torch.cat([r.reshape(-1, 16) for r in rows]).double()
+        return flat.t() @ flat / flat.shape[0]
+
+    with torch.no_grad():
+        q_inputs = [x * 2.0 for x in inputs]
+        o_inputs = [torch.tanh(block.q(n) + block.k(n)) for n in q_inputs]
+    tolerance = dict(rtol=1e-5, atol=1e-6)  # the collector multiplies in fp32
+    torch.testing.assert_close(hessians["q"], gram(q_inputs), **tolerance)
+    torch.testing.assert_close(hessians["k"], gram(q_inputs), **tolerance)
+    torch.testing.assert_close(hessians["o"], gram(o_inputs), **tolerance)

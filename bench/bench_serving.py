@@ -1,0 +1,213 @@
+"""Serving benchmark: a real `retroserve serve` subprocess driven over gRPC by concurrent streams.
+
+For each scenario (retrieval mode, stride, context layout) and each concurrency, it sends
+`--requests-per-stream` requests per concurrent stream and reports output tokens/s, request
+latency, time to first token, inter-token gaps, retrieval time, and the prefix-cache hit rate
+(cached / engine prompt tokens, re-prompts after retrievals included). Not a test; prints a table
+and writes JSON. All scenarios run against the same server in one run, so they compare as ratios.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_serving.py            # default model + datastore
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_serving.py --address 127.0.0.1:50051  # running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
+from server.client import RetroserveClient, build_generate_request  # noqa: E402
+
+SCENARIOS = {
+    "none": dict(mode="none"),
+    "chunk-stride64": dict(mode="chunk", stride=64, layout="prepend"),
+    "chunk-stride16": dict(mode="chunk", stride=16, layout="prepend"),
+    "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
+}
+
+
+@dataclass
+class Outcome:
+    seconds: float
+    ttft_s: float
+    gaps_s: list[float]
+    tokens: int
+    retrieval_ms: float
+    engine_prompt_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass
+class Row:
+    scenario: str
+    concurrency: int
+    requests: int
+    output_tokens_per_s: float
+    request_p50_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    inter_token_p50_ms: float
+    retrieval_ms_per_request: float
+    prefix_cache_hit_rate: float
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def prompts(count: int, chars: int) -> list[str]:
+    """Openings of distinct language-reference topics (each request a different prompt)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    return [topics[names[(7 * i) % len(names)]][:chars] for i in range(count)]
+
+
+async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> Outcome:
+    request = build_generate_request(prompt, max_new_tokens=max_new_tokens, **options)
+    started = time.perf_counter()
+    first = last = None
+    gaps = []
+    final = None
+    async for message in stub.GenerateStream(request):
+        now = time.perf_counter()
+        if message.text or message.token_ids:
+            if first is None:
+                first = now
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
+        if message.stop_reason:
+            final = message
+    if final is None:
+        raise RuntimeError("stream ended without a final message")
+    return Outcome(
+        seconds=time.perf_counter() - started,
+        ttft_s=(first or time.perf_counter()) - started,
+        gaps_s=gaps,
+        tokens=final.generated_token_count,
+        retrieval_ms=final.timing.retrieval_ms,
+        engine_prompt_tokens=final.prefix_cache.engine_prompt_tokens,
+        cached_prompt_tokens=final.prefix_cache.cached_prompt_tokens,
+    )
+
+
+async def run_scenario(address: str, name: str, options: dict, concurrency: int, per_stream: int,
+                       max_new_tokens: int, prompt_chars: int) -> Row:
+    texts = prompts(concurrency * per_stream, prompt_chars)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RetroserveStub(channel)
+
+        async def stream(worker: int) -> list[Outcome]:
+            return [
+                await one_request(stub, texts[worker * per_stream + i], options, max_new_tokens)
+                for i in range(per_stream)
+            ]
+
+        started = time.perf_counter()
+        outcomes = [o for batch in await asyncio.gather(*(stream(w) for w in range(concurrency))) for o in batch]
+        wall = time.perf_counter() - started
+    ttfts = sorted(o.ttft_s * 1000 for o in outcomes)
+    gaps = [g for o in outcomes for g in o.gaps_s]
+    engine_tokens = sum(o.engine_prompt_tokens for o in outcomes)
+    return Row(
+        scenario=name,
+        concurrency=concurrency,
+        requests=len(outcomes),
+        output_tokens_per_s=sum(o.tokens for o in outcomes) / wall,
+        request_p50_s=statistics.median(o.seconds for o in outcomes),
+        ttft_p50_ms=statistics.median(ttfts),
+        ttft_p95_ms=ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+        inter_token_p50_ms=statistics.median(gaps) * 1000 if gaps else float("nan"),
+        retrieval_ms_per_request=statistics.mean(o.retrieval_ms for o in outcomes),
+        prefix_cache_hit_rate=sum(o.cached_prompt_tokens for o in outcomes) / engine_tokens if engine_tokens else 0.0,
+        wall_s=wall,
+    )
+
+
+def start_server(port: int, metrics_port: int, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server.cli", "serve", "--address", f"127.0.0.1:{port}",
+               "--metrics-address", f"127.0.0.1:{metrics_port}", *extra]
+    log = open(REPO / "bench" / "results" / "bench_serving_server.log", "w")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with RetroserveClient(f"127.0.0.1:{port}") as client:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}; see {log.name}")
+            try:
+                if client.health(timeout=2, wait_for_ready=True) == "SERVING":
+                    return process
+            except grpc.RpcError:
+                pass
+            time.sleep(2)
+    process.terminate()
+    raise RuntimeError("server did not become SERVING within 15 minutes")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", help="benchmark a running server instead of starting one")
+    parser.add_argument("--port", type=int, default=50071)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-chars", type=int, default=600,
+                        help="prompt length in characters (600 chars ~ 150 tokens)")
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra `retroserve serve` flags (last on the command line)")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "serving.json")
+    args = parser.parse_args()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+
+    process = None
+    address = args.address
+    if address is None:
+        process = start_server(args.port, args.port + 1, args.server_args)
+        address = f"127.0.0.1:{args.port}"
+    try:
+        with RetroserveClient(address) as client:
+            info = client.info()
+        rows = []
+        print(f"{'scenario':30s} {'conc':>4s} {'req':>4s} {'tok/s':>7s} {'p50 s':>6s} {'ttft50':>7s} "
+              f"{'ttft95':>7s} {'itl50':>6s} {'retr ms':>8s} {'prefix hit':>10s}")
+        for name in args.scenarios:
+            for concurrency in args.concurrency:
+                row = asyncio.run(run_scenario(address, name, SCENARIOS[name], concurrency,
+                                               args.requests_per_stream, args.max_new_tokens, args.prompt_chars))
+                rows.append(row)
+                print(f"{row.scenario:30s} {row.concurrency:4d} {row.requests:4d} {row.output_tokens_per_s:7.1f} "
+                      f"{row.request_p50_s:6.2f} {row.ttft_p50_ms:7.0f} {row.ttft_p95_ms:7.0f} "
+                      f"{row.inter_token_p50_ms:6.1f} {row.retrieval_ms_per_request:8.1f} "
+                      f"{row.prefix_cache_hit_rate:10.3f}", flush=True)
+        report = {
+            "model": {"path": info.model.path, "quantization": info.model.quantization, "dtype": info.model.dtype,
+                      "device": info.model.device},
+            "datastore": {"path": info.datastore.path, "entries": info.datastore.entry_count,
+                          "index": info.datastore.index_factory},
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "rows": [asdict(row) for row in rows],
+        }
+        args.output.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
