@@ -138,16 +138,41 @@ def read_index(index_path: Path) -> tuple[faiss.Index, bool]:
         raise DatastoreError(f"{index_path} is not a readable FAISS index ({error}); {REBUILD_HINT}") from error
 
 
+_SHARED_ENVS: dict[tuple, list] = {}
+"""(real path, device, inode of data.mdb) -> [env, chunks_db, docs_db, readers]. LMDB allows one
+open environment per file and process, so Datastores opened twice on one path in one process (a
+server and `retroserve eval`, a hot swap back to a version) share it; the last close closes it."""
+_SHARED_ENVS_LOCK = threading.Lock()
+
+
+def _env_key(path: Path) -> tuple:
+    data = path / "data.mdb"
+    stat = data.stat() if data.exists() else path.stat()
+    return (str(path.resolve()), stat.st_dev, stat.st_ino)
+
+
 class PayloadReader:
     """Read-only LMDB access: chunk and document records by id (documents cached, they are few)."""
 
     def __init__(self, path: Path):
         try:
-            self.env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
-            self.chunks_db = self.env.open_db(fmt.CHUNKS_DB, create=False)
-            self.docs_db = self.env.open_db(fmt.DOCS_DB, create=False)
-        except lmdb.Error as error:
+            with _SHARED_ENVS_LOCK:
+                self._key = _env_key(path)
+                shared = _SHARED_ENVS.get(self._key)
+                if shared is None:
+                    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
+                    try:
+                        shared = [env, env.open_db(fmt.CHUNKS_DB, create=False),
+                                  env.open_db(fmt.DOCS_DB, create=False), 0]
+                    except lmdb.Error:
+                        env.close()
+                        raise
+                    _SHARED_ENVS[self._key] = shared
+                shared[3] += 1
+                self.env, self.chunks_db, self.docs_db = shared[0], shared[1], shared[2]
+        except (lmdb.Error, OSError) as error:
             raise DatastoreError(f"{path} is not a readable payload store ({error}); {REBUILD_HINT}") from error
+        self._closed = False
         self._docs: dict[int, dict] = {}
         self._docs_lock = threading.Lock()
 
@@ -181,7 +206,17 @@ class PayloadReader:
                 yield fmt.decode_key(key), fmt.loads(raw)
 
     def close(self) -> None:
-        self.env.close()
+        with _SHARED_ENVS_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            shared = _SHARED_ENVS.get(self._key)
+            if shared is None:
+                return
+            shared[3] -= 1
+            if shared[3] == 0:
+                del _SHARED_ENVS[self._key]
+                self.env.close()
 
 
 class Datastore:

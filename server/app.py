@@ -40,6 +40,8 @@ class RunningServer:
     service: object | None = None
     engine: object | None = None
     retrieval: object | None = None
+    owns_engine: bool = True
+    """False when the caller passed its own engine to `start` (it outlives this server)."""
     metrics: object | None = None
     metrics_server: object | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,7 +69,7 @@ class RunningServer:
             task.cancel()
         if self.retrieval is not None:
             await self.retrieval.close()
-        if self.engine is not None:
+        if self.engine is not None and self.owns_engine:
             self.engine.shutdown()
         if self.metrics_server is not None:
             from server.metrics import stop_metrics_server
@@ -125,13 +127,17 @@ def load_retrieval(config: ServerConfig, with_datastore: bool, metrics):
     return retriever_api.open_for_serving(config, metrics=metrics)
 
 
-async def start(config: ServerConfig, with_datastore: bool = True, registry=None) -> RunningServer:
-    """Start everything; returns once health is SERVING (or raises if loading failed)."""
+async def start(config: ServerConfig, with_datastore: bool = True, registry=None, engine=None) -> RunningServer:
+    """Start everything; returns once health is SERVING (or raises if loading failed).
+
+    `engine`: an already started server.engine.Engine to serve instead of loading one (tests run
+    several servers on one engine); it is not shut down with this server."""
     from server import service as service_module
     from server.errors import ErrorInterceptor
     from server.metrics import Metrics, start_metrics_server, stop_metrics_server
 
-    check_model(config)
+    if engine is None:
+        check_model(config)
     metrics = Metrics(registry=registry)
     try:
         metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
@@ -171,7 +177,10 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
 
     loop = asyncio.get_running_loop()
     try:
-        engine = await loop.run_in_executor(None, start_engine, config)
+        if engine is None:
+            engine = await loop.run_in_executor(None, start_engine, config)
+        else:
+            running.owns_engine = False
         running.engine = engine
         running.retrieval = await loop.run_in_executor(None, load_retrieval, config, with_datastore, metrics)
     except BaseException:

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrieval-augmented inference server: a small quantized LM on vLLM beside a FAISS datastore.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{model,datastore,serve,generate}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{model,datastore,serve,generate,eval}")
 
     model = groups.add_parser("model", help="prepare the served model").add_subparsers(dest="command", required=True)
     prepare = model.add_parser("prepare", help="GGUF or HF model -> 4-bit GPTQ checkpoint in the cache")
@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
 
-    from server import generate_cli
+    from server import eval_cli, generate_cli
+
+    eval_cli.add_eval_commands(groups)
 
     generate = groups.add_parser("generate", help="generate from a running server, streaming to the terminal")
     generate_cli.add_generate_arguments(generate)

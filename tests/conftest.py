@@ -111,3 +111,42 @@ def small_datastore(tmp_path_factory, corpus_dir, tokenizer_dir, encoder) -> Pat
         encoder=encoder,
     )
     return output
+
+
+# -- the real server (vLLM engine + datastore + gRPC), shared by the server and eval tests ----------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prepared_model_dir() -> Path:
+    """The default 4-bit model, prepared once per checkout (about 3 minutes the first time), or
+    the prepared model directory named by RETROSERVE_TEST_MODEL_DIR."""
+    from server import model_prep, paths
+
+    override = os.environ.get("RETROSERVE_TEST_MODEL_DIR")
+    if override:
+        return Path(override)
+    output = Path(os.environ.get("RETROSERVE_TEST_ARTEFACTS", REPO / ".test-artefacts")) / "models"
+    return model_prep.prepare(output_dir=output / paths.DEFAULT_MODEL_NAME).path
+
+
+@pytest.fixture(scope="session")
+def server_datastore(tmp_path_factory, corpus_dir, prepared_model_dir, encoder) -> Path:
+    """The small corpus built with the served model's tokenizer (Flat: exact search)."""
+    from datastore_tools.build import BuildConfig, build_datastore
+
+    output = tmp_path_factory.mktemp("server-datastore") / "small"
+    build_datastore(BuildConfig(output=output, model_dir=prepared_model_dir, inputs=[corpus_dir], index="Flat",
+                                progress=False), encoder=encoder)
+    return output
+
+
+@pytest.fixture(scope="session")
+def server(prepared_model_dir, server_datastore):
+    """One real server for the session (vLLM takes about a minute to load here)."""
+    from loopback import ServerThread, server_config
+
+    running = ServerThread(server_config(prepared_model_dir, server_datastore))
+    yield running
+    running.stop()

@@ -292,3 +292,17 @@ def test_tokenizer_fingerprint_ignores_how_the_tokenizer_was_loaded(tokenizer_di
     config["eos_token"] = "<|endoftext|>" if config.get("eos_token") != "<|endoftext|>" else "<|im_end|>"
     config_path.write_text(json.dumps(config))
     assert fingerprints.tokenizer_fingerprint(copy) != fingerprints.tokenizer_fingerprint(tokenizer_dir)
+
+
+def test_one_datastore_opened_twice_in_one_process(small_datastore):
+    """LMDB allows one environment per file and process; two Datastores on one path share it and
+    the first close leaves the second readable."""
+    first = Datastore.open(small_datastore)
+    second = Datastore.open(small_datastore)
+    expected = [n.chunk_id for n in first.search_texts(["assert statement"], 3)[0]]
+    first.close()
+    assert [n.chunk_id for n in second.search_texts(["assert statement"], 3)[0]] == expected
+    second.close()
+    third = Datastore.open(small_datastore)  # reopening after the last close works
+    assert third.ntotal == second.ntotal
+    third.close()

@@ -1,21 +1,17 @@
 """The real server on loopback: vLLM engine, FAISS datastore, gRPC, health, metrics.
 
-One server runs for the whole module (vLLM takes about a minute to load on this machine). The
-model is the default prepared checkpoint (built once under .test-artefacts/, or the directory in
-RETROSERVE_TEST_MODEL_DIR); the datastore is the small test corpus built with that model's
-tokenizer. References: HF transformers for greedy output, the datastore's exact Flat search for
+One server runs for the whole session (tests/conftest.py; vLLM takes about a minute to load on
+this machine). The model is the default prepared checkpoint (built once under .test-artefacts/, or
+the directory in RETROSERVE_TEST_MODEL_DIR); the datastore is the small test corpus built with
+that model's tokenizer. References: HF transformers for greedy output, the datastore's exact Flat search for
 neighbours, the model's tokenizer for Tokenize.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import threading
 import time
 import urllib.request
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,69 +19,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.client import RetroserveClient, build_generate_request
-from server.config import EngineConfig, Limits, RetrievalDefaults, ServerConfig
+from loopback import ServerThread, server_config
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The assert statement in Python"
 LONG_WAIT_S = 120
-
-
-@pytest.fixture(scope="session")
-def prepared_model_dir() -> Path:
-    """The default 4-bit model, prepared once per checkout (minutes the first time)."""
-    from server import model_prep, paths
-
-    override = os.environ.get("RETROSERVE_TEST_MODEL_DIR")
-    if override:
-        return Path(override)
-    output = Path(os.environ.get("RETROSERVE_TEST_ARTEFACTS", REPO / ".test-artefacts")) / "models"
-    return model_prep.prepare(output_dir=output / paths.DEFAULT_MODEL_NAME).path
-
-
-@pytest.fixture(scope="module")
-def server_datastore(tmp_path_factory, corpus_dir, prepared_model_dir, encoder) -> Path:
-    from datastore_tools.build import BuildConfig, build_datastore
-
-    output = tmp_path_factory.mktemp("server-datastore") / "small"
-    build_datastore(BuildConfig(output=output, model_dir=prepared_model_dir, inputs=[corpus_dir], index="Flat",
-                                progress=False), encoder=encoder)
-    return output
-
-
-class ServerThread:
-    """The asyncio server in its own thread and event loop, as `retroserve serve` runs it."""
-
-    def __init__(self, config: ServerConfig):
-        from server import app
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
-        self.thread.start()
-        self.running = self.call(app.start(config), timeout=600)
-        self.address = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coroutine, timeout: float = LONG_WAIT_S):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.running.shutdown(5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def server(prepared_model_dir, server_datastore):
-    config = ServerConfig(
-        address="127.0.0.1:0",
-        metrics_address="127.0.0.1:0",
-        engine=EngineConfig(model_dir=prepared_model_dir, kv_cache_gib=1.0, max_num_seqs=8),
-        retrieval=RetrievalDefaults(datastore_dir=server_datastore, batch_window_ms=50.0),
-        limits=Limits(max_queue=4, max_prompt_tokens=1024, max_new_tokens=512),
-    )
-    running = ServerThread(config)
-    yield running
-    if not running.running.stopped.is_set():
-        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -396,14 +333,24 @@ def test_serve_cli_names_a_missing_model_and_the_fix(tmp_path, capsys):
     assert "no prepared model" in err and "retroserve model prepare" in err
 
 
-def test_shutdown_drains_in_flight_requests(server, client):
-    stream = client.stub.GenerateStream(build_generate_request(PROMPT, mode="none", max_new_tokens=24))
-    first = next(stream)
-    stopping = futures.ThreadPoolExecutor(1).submit(server.stop)
-    rest = list(stream)  # the admitted request finishes during the drain
-    assert rest[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS
-    assert len(first.text + "".join(m.text for m in rest)) > 0
-    stopping.result(60)
-    assert server.running.stopped.is_set()
+def test_shutdown_drains_in_flight_requests(server, prepared_model_dir, server_datastore):
+    """A second server on the same engine: SIGTERM's path (shutdown with grace) lets an admitted
+    stream finish, then the port closes; the session's server and engine keep running."""
+    from prometheus_client import CollectorRegistry
+
+    second = ServerThread(server_config(prepared_model_dir, server_datastore), engine=server.running.engine,
+                          registry=CollectorRegistry(), loop=server.loop)
+    with RetroserveClient(second.address, timeout=LONG_WAIT_S) as client:
+        stream = client.stub.GenerateStream(build_generate_request(PROMPT, mode="none", max_new_tokens=24))
+        first = next(stream)
+        stopping = futures.ThreadPoolExecutor(1).submit(second.stop, 30.0)
+        rest = list(stream)  # the admitted request finishes during the drain
+        assert rest[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS
+        assert rest[-1].generated_token_count == 24 and (first.text + "".join(m.text for m in rest))
+        stopping.result(60)
+    assert second.running.stopped.is_set()
     with pytest.raises(grpc.RpcError):
-        RetroserveClient(server.address, timeout=2).health()
+        RetroserveClient(second.address, timeout=2).health()
+    with RetroserveClient(server.address, timeout=LONG_WAIT_S) as client:
+        assert client.health() == "SERVING"
+        assert client.generate(PROMPT, mode="none", max_new_tokens=2).generated_token_count == 2

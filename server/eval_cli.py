@@ -1,0 +1,405 @@
+"""`retroserve eval`: split a corpus, score held-out text with and without retrieval, sweep sizes.
+
+    retroserve eval split /usr/share/doc/python3.11/html/_sources -o runs/split.json
+    retroserve eval run --split runs/split.json --datastore DIR --k 2 4 --stride 16 64
+    retroserve eval sweep --split runs/split.json --fractions 0.1 0.3 1.0 --reference-model DIR
+
+Each command prints a table and writes `results.json` (every number) and PNG plots into
+`--output-dir`. The engine is the server's (server/engine.py), loaded once per command; several
+retrieval settings in one `run` share it, which is what makes ablations cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(Exception):
+    """A problem the user can fix; the CLI prints it without a traceback."""
+
+
+# -- split -------------------------------------------------------------------------------------------
+
+
+def make_split(inputs: list[Path], heldout_fraction: float, seed: int, max_heldout: int | None) -> dict:
+    """Split files by document with a fixed seed: held-out files never enter the datastore."""
+    from datastore_tools.ingest import _expand
+
+    files = sorted(str(p) for p in _expand(inputs))
+    if len(files) < 2:
+        raise EvalError(f"need at least 2 files to split, found {len(files)} under {inputs}")
+    order = files[:]
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(order) * heldout_fraction))
+    if max_heldout is not None:
+        count = min(count, max_heldout)
+    return {"seed": seed, "heldout_fraction": heldout_fraction, "inputs": [str(p) for p in inputs],
+            "heldout": sorted(order[:count]), "datastore": order[count:]}
+
+
+def read_split(path: Path) -> dict:
+    try:
+        split = json.loads(Path(path).read_text())
+        split["heldout"], split["datastore"]
+    except (OSError, ValueError, KeyError) as error:
+        raise EvalError(f"{path} is not a split file ({error}); write one with `retroserve eval split`") from error
+    return split
+
+
+def heldout_documents(files: list[str], max_docs: int | None):
+    from datastore_tools.ingest import read_documents
+    from server.evaluation import EvalDocument
+
+    documents, _ = read_documents(files)
+    documents = [d for d in documents if d.text.strip()]
+    if max_docs is not None:
+        documents = documents[:max_docs]
+    if not documents:
+        raise EvalError("no held-out documents with text")
+    return [EvalDocument(d.source, d.text) for d in documents]
+
+
+# -- engine + datastore --------------------------------------------------------------------------
+
+
+def _engine_config(model_dir: Path, max_model_len: int):
+    from server.config import EngineConfig
+
+    return EngineConfig(model_dir=model_dir, max_model_len=max_model_len, kv_cache_gib=2.0, max_num_seqs=32)
+
+
+def open_retrieval(datastore_dir: Path, model_dir: Path):
+    """(datastore, its batched search) for the Evaluator."""
+    from retriever import fingerprints
+    from retriever.datastore import Datastore
+
+    datastore = Datastore.open(datastore_dir,
+                               expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir))
+
+    return datastore, datastore.search_texts
+
+
+def settings_grid(args) -> list:
+    from server.evaluation import EvalSettings
+
+    grid = [EvalSettings(mode="none")]
+    for k, stride, query in itertools.product(args.k, args.stride, args.query_tokens):
+        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query))
+    return grid
+
+
+async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) -> list[dict]:
+    """Score `documents` under every setting of `grid` with one engine (and one open datastore)."""
+    from server.evaluation import Evaluator
+
+    model_dir = Path(engine.config.model_dir)
+    datastore = None
+    try:
+        retrieve = None
+        if datastore_dir is not None:
+            datastore, retrieve = open_retrieval(datastore_dir, model_dir)
+        evaluator = Evaluator(engine, retrieve, max_doc_chars=args.max_doc_chars)
+        rows = []
+        for settings in grid:
+            if settings.mode == "chunk" and retrieve is None:
+                continue
+            result = await evaluator.evaluate(documents, settings)
+            row = result.to_dict()
+            row["model"] = str(model_dir)
+            if datastore is not None and settings.mode == "chunk":
+                row["datastore"] = {"path": str(datastore_dir), "entries": datastore.ntotal,
+                                    "index": datastore.manifest["index"]["factory"]}
+            rows.append(row)
+            log.info("%s: %.4f bits/byte", settings.label(), row["bits_per_byte"])
+        return rows
+    finally:
+        if datastore is not None:
+            datastore.close()
+
+
+async def score_model_alone(model_dir: Path, documents, args) -> list[dict]:
+    """A reference model (e.g. Gemma-3 270M) scored alone, in an engine of its own."""
+    from server.engine import Engine
+    from server.evaluation import EvalSettings
+
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, Engine.start, _engine_config(model_dir, args.max_model_len))
+    try:
+        return await score_grid(engine, documents, [EvalSettings(mode="none")], None, args)
+    finally:
+        engine.shutdown()
+
+
+async def _with_engine(model_dir: Path, args, engine, work):
+    """Run `work(engine)` with the given engine, or with one loaded for `model_dir` and stopped after."""
+    if engine is not None:
+        return await work(engine)
+    from server.engine import Engine
+
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, Engine.start, _engine_config(model_dir, args.max_model_len))
+    try:
+        return await work(engine)
+    finally:
+        engine.shutdown()
+
+
+def overlap_report(documents, datastore_dir: Path, model_dir: Path, max_doc_chars: int) -> dict:
+    from retriever.datastore import Datastore
+    from server.evaluation import ngram_overlap
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    heldout = [tokenizer(d.text[:max_doc_chars], add_special_tokens=False)["input_ids"] for d in documents]
+    with Datastore.open(datastore_dir) as datastore:
+        stored = [record["tokens"] for _, record in datastore.payloads.iter_chunks()]
+    report = ngram_overlap(heldout, stored)
+    report["per_document"] = dict(zip((d.source for d in documents), report["per_document"]))
+    return report
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], out=None) -> None:
+    out = out or sys.stdout
+    baseline = {r["model"]: r["bits_per_byte"] for r in rows if r["settings"]["mode"] == "none"}
+    out.write(f"{'model':38s} {'setting':38s} {'entries':>8s} {'bits/byte':>9s} {'vs alone':>8s} "
+              f"{'retr s':>7s} {'score s':>8s}\n")
+    for row in rows:
+        base = baseline.get(row["model"])
+        change = f"{(row['bits_per_byte'] / base - 1) * 100:+.1f}%" if base and row["settings"]["mode"] != "none" else ""
+        entries = str(row.get("datastore", {}).get("entries", ""))
+        out.write(f"{Path(row['model']).name[:38]:38s} {row['label'][:38]:38s} {entries:>8s} "
+                  f"{row['bits_per_byte']:9.4f} {change:>8s} {row['retrieval_seconds']:7.1f} "
+                  f"{row['scoring_seconds']:8.1f}\n")
+
+
+def plot_settings(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunk = [r for r in rows if r["settings"]["mode"] == "chunk"]
+    alone = [r for r in rows if r["settings"]["mode"] == "none"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [r["label"].replace("chunk ", "") for r in chunk]
+    ax.barh(labels, [r["bits_per_byte"] for r in chunk], color="tab:blue")
+    for r in alone:
+        ax.axvline(r["bits_per_byte"], color="tab:red", linestyle="--", label=f"{Path(r['model']).name} alone")
+    values = [r["bits_per_byte"] for r in rows]
+    ax.set_xlim(min(values) * 0.97, max(values) * 1.01)
+    ax.set_xlabel("bits per byte (lower is better)")
+    ax.set_title("Held-out bits per byte by retrieval setting")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], references: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_setting: dict[str, list[dict]] = {}
+    for row in rows:
+        by_setting.setdefault(row["label"], []).append(row)
+    for label, points in by_setting.items():
+        points.sort(key=lambda r: r["datastore"]["entries"])
+        ax.plot([p["datastore"]["entries"] for p in points], [p["bits_per_byte"] for p in points], "o-", label=label)
+    styles = iter(["--", ":", "-."])
+    for ref in references:
+        ax.axhline(ref["bits_per_byte"], linestyle=next(styles, "--"), color="gray",
+                   label=f"{Path(ref['model']).name} alone")
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore entries (64-token chunks)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Held-out bits per byte vs datastore size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(output_dir: Path, payload: dict) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _model_dir(args) -> Path:
+    from server import paths
+
+    model_dir = Path(args.model) if args.model else paths.default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise EvalError(f"no prepared model at {model_dir}: run `retroserve model prepare` or pass --model DIR")
+    return model_dir
+
+
+def _heldout(args) -> list:
+    if args.split:
+        files = read_split(args.split)["heldout"]
+    elif args.heldout:
+        files = [str(p) for p in args.heldout]
+    else:
+        raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
+    return heldout_documents(files, args.max_docs)
+
+
+def run_split(args) -> int:
+    split = make_split(args.inputs, args.heldout_fraction, args.seed, args.max_heldout)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(split, indent=2))
+    print(f"{len(split['heldout'])} held-out files, {len(split['datastore'])} datastore files -> {args.output}")
+    return 0
+
+
+async def run_async(args, engine=None) -> dict:
+    """`eval run`; `engine`: an already started engine of the same model (tests pass one)."""
+    documents = _heldout(args)
+    model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
+    datastore_dir = Path(args.datastore) if args.datastore else None
+    rows = await _with_engine(model_dir, args, engine,
+                              lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args))
+    for reference in args.reference_model:
+        rows += await score_model_alone(Path(reference), documents, args)
+    payload = {"command": "run", "documents": [d.source for d in documents], "rows": rows,
+               "max_doc_chars": args.max_doc_chars}
+    if datastore_dir is not None:
+        loop = asyncio.get_running_loop()
+        payload["overlap"] = await loop.run_in_executor(
+            None, overlap_report, documents, datastore_dir, model_dir, args.max_doc_chars)
+    print_table(rows)
+    if "overlap" in payload:
+        overlap = payload["overlap"]
+        print(f"near-verbatim overlap ({overlap['ngram']}-grams): {overlap['overlap']:.4f} of held-out n-grams "
+              f"occur in the datastore (worst document {overlap['max_document_overlap']:.4f})")
+    path = write_results(args.output_dir, payload)
+    if any(r["settings"]["mode"] == "chunk" for r in rows):
+        plot_settings(rows, args.output_dir / "settings.png")
+    print(f"wrote {path}")
+    return payload
+
+
+async def sweep_async(args, engine=None) -> dict:
+    """`eval sweep`: nested datastores from growing fractions of the split's datastore files."""
+    from datastore_tools.build import BuildConfig, build_datastore
+
+    model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
+    split = read_split(args.split)
+    documents = heldout_documents(split["heldout"], args.max_docs)
+    grid = settings_grid(args)
+    loop = asyncio.get_running_loop()
+
+    async def sweep(engine) -> tuple[list[dict], list[dict]]:
+        rows, references = [], []
+        for fraction in sorted(args.fractions):
+            files = split["datastore"][: max(1, round(len(split["datastore"]) * fraction))]
+            datastore_dir = args.output_dir / "datastores" / f"fraction-{fraction:g}"
+            if not (datastore_dir / "manifest.json").is_file():
+                config = BuildConfig(output=datastore_dir, model_dir=model_dir, inputs=[Path(f) for f in files],
+                                     index=args.index, progress=False)
+                started = time.perf_counter()
+                await loop.run_in_executor(None, build_datastore, config)
+                log.info("built %s from %d files in %.0f s", datastore_dir, len(files), time.perf_counter() - started)
+            for row in await score_grid(engine, documents, grid if not references else grid[1:], datastore_dir, args):
+                if row["settings"]["mode"] == "none":
+                    references.append(row)
+                else:
+                    row["fraction"] = fraction
+                    rows.append(row)
+        return rows, references
+
+    rows, references = await _with_engine(model_dir, args, engine, sweep)
+    for reference in args.reference_model:
+        references += await score_model_alone(Path(reference), documents, args)
+    print_table(references + rows)
+    payload = {"command": "sweep", "documents": [d.source for d in documents], "references": references,
+               "rows": rows, "max_doc_chars": args.max_doc_chars}
+    path = write_results(args.output_dir, payload)
+    plot_sweep(rows, references, args.output_dir / "sweep.png")
+    print(f"wrote {path}")
+    return payload
+
+
+def run_run(args) -> int:
+    asyncio.run(run_async(args))
+    return 0
+
+
+def run_sweep(args) -> int:
+    asyncio.run(sweep_async(args))
+    return 0
+
+
+def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, help="prepared model (default: the default model)")
+    parser.add_argument("--reference-model", action="append", default=[], type=Path,
+                        help="another prepared model scored alone (e.g. Gemma-3 270M); repeatable")
+    parser.add_argument("--max-docs", type=int, default=None, help="score at most this many held-out documents")
+    parser.add_argument("--max-doc-chars", type=int, default=4096,
+                        help="score the first N characters of each document (the same text for every model)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
+    parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
+    parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
+
+
+def add_eval_commands(groups) -> None:
+    evaluation = groups.add_parser("eval", help="bits per byte with and without retrieval; sweeps and ablations")
+    commands = evaluation.add_subparsers(dest="command", required=True)
+
+    split = commands.add_parser("split", help="split a corpus by document into held-out and datastore files")
+    split.add_argument("inputs", nargs="+", type=Path)
+    split.add_argument("-o", "--output", type=Path, required=True)
+    split.add_argument("--heldout-fraction", type=float, default=0.05)
+    split.add_argument("--max-heldout", type=int, default=None)
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=_handles_errors(run_split))
+
+    run = commands.add_parser("run", help="score held-out documents alone and with retrieval (settings grid)")
+    run.add_argument("--split", type=Path, default=None)
+    run.add_argument("--heldout", type=Path, nargs="+", default=None)
+    run.add_argument("--datastore", type=Path, default=None, help="omit to score the model alone")
+    _add_scoring_arguments(run)
+    run.set_defaults(func=_handles_errors(run_run))
+
+    sweep = commands.add_parser("sweep", help="build datastores from growing fractions and score each")
+    sweep.add_argument("--split", type=Path, required=True)
+    sweep.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
+    sweep.add_argument("--index", default="Flat", help="FAISS factory string of the sweep's datastores")
+    _add_scoring_arguments(sweep)
+    sweep.set_defaults(func=_handles_errors(run_sweep))
+
+
+def _handles_errors(run):
+    def wrapped(args) -> int:
+        from datastore_tools.errors import DatastoreToolError
+        from retriever.datastore import DatastoreError
+
+        try:
+            return run(args)
+        except (EvalError, DatastoreError, DatastoreToolError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapped

@@ -1,0 +1,251 @@
+"""Bits per byte of held-out documents, with and without retrieval, scored by the serving engine.
+
+Every document is scored in order, the way generation sees it. In chunk mode the document is cut
+into spans of `stride` tokens; span j is scored after the neighbours retrieved for the `query_tokens`
+tokens before it, laid out by server/context.py exactly as the generation loop lays out a
+re-prompt, and the engine's prompt log-probs give the span's NLL. The first span has nothing to
+retrieve with and is scored from the document start alone (In-Context RALM does the same).
+
+Bits per byte = total NLL (nats) / ln 2 / UTF-8 bytes of the scored text: tokenizer-free, so models
+with different tokenizers compare on the same text. Documents are cut to `max_doc_chars`
+characters before tokenizing for the same reason. Each document starts after a document-start
+token (the model's BOS, or SmolLM2's <|endoftext|>), so every one of its tokens is scored.
+
+Leakage guard: neighbours whose source is the scored document's source are dropped (searching
+k + `exclusion_margin` so k remain), and `overlap` measures near-verbatim overlap between held-out
+text and the datastore (share of held-out token 13-grams that occur in datastore chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from server import context
+from server.engine import Engine, SegmentSampling
+from server.generation import SEPARATOR_TEXT
+
+LN2 = math.log(2.0)
+OVERLAP_NGRAM = 13
+"""Token n-gram length of the overlap measure (the contamination n-gram of GPT-3's analysis)."""
+
+
+def source_key(source: str) -> str:
+    """Sources compare by real path when they name files, so the leakage guard sees through
+    relative and absolute spellings of one file."""
+    return os.path.realpath(source) if os.path.exists(source) else source
+
+
+@dataclass(frozen=True)
+class EvalDocument:
+    source: str
+    """Identity used by the leakage guard: datastore neighbours with this source are excluded."""
+    text: str
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: str = "chunk"
+    """"none" (model alone) or "chunk"."""
+    neighbours: int = 2
+    stride: int = 16
+    query_tokens: int = 32
+    layout: str = "prepend"
+
+    def label(self) -> str:
+        if self.mode == "none":
+            return "model alone"
+        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}"
+
+
+@dataclass
+class DocumentScore:
+    source: str
+    bytes: int
+    tokens: int
+    nll_nats: float
+    retrievals: int = 0
+    excluded_neighbours: int = 0
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_nats / LN2 / self.bytes
+
+
+@dataclass
+class EvalResult:
+    settings: EvalSettings
+    documents: list[DocumentScore]
+    retrieval_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    engine_prompt_tokens: int = 0
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Byte-weighted over all documents (total bits / total bytes)."""
+        return sum(d.nll_nats for d in self.documents) / LN2 / sum(d.bytes for d in self.documents)
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": asdict(self.settings),
+            "label": self.settings.label(),
+            "bits_per_byte": self.bits_per_byte,
+            "documents": len(self.documents),
+            "bytes": sum(d.bytes for d in self.documents),
+            "tokens": sum(d.tokens for d in self.documents),
+            "retrievals": sum(d.retrievals for d in self.documents),
+            "excluded_neighbours": sum(d.excluded_neighbours for d in self.documents),
+            "retrieval_seconds": self.retrieval_seconds,
+            "scoring_seconds": self.scoring_seconds,
+            "engine_prompt_tokens": self.engine_prompt_tokens,
+            "per_document": [asdict(d) | {"bits_per_byte": d.bits_per_byte} for d in self.documents],
+        }
+
+
+def document_start_ids(tokenizer) -> list[int]:
+    """The token a document starts after: what the tokenizer prepends by itself, else GPT-2-style
+    <|endoftext|> (SmolLM2's document separator; its BOS is the chat token <|im_start|>), else
+    the BOS token (Gemma's <bos>, without which it emits garbage)."""
+    automatic = tokenizer("", add_special_tokens=True)["input_ids"]
+    if automatic:
+        return list(automatic)
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [vocab["<|endoftext|>"]]
+    if tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    raise ValueError("the tokenizer has no BOS or end-of-text token to start a document with")
+
+
+@dataclass
+class _Span:
+    document: int
+    start: int
+    end: int
+    neighbours: list = field(default_factory=list)
+
+
+RetrieveFn = Callable[[list[str], int], list[list]]
+"""(query texts, k) -> neighbours per query (retriever.datastore.Neighbour-like, with .source)."""
+
+
+class Evaluator:
+    """Scores documents with one engine; `retrieve` searches the datastore (None: mode none only)."""
+
+    def __init__(self, engine: Engine, retrieve: RetrieveFn | None = None, max_doc_chars: int = 4096,
+                 concurrency: int = 16, exclusion_margin: int = 8):
+        self.engine = engine
+        self.retrieve = retrieve
+        self.max_doc_chars = max_doc_chars
+        self.concurrency = concurrency
+        self.exclusion_margin = exclusion_margin
+        tokenizer = engine.tokenizer
+        self.start_ids = document_start_ids(tokenizer)
+        self.separator_ids = tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+        self.last_plan: list[_Span] = []
+        """Spans of the last `evaluate` with the neighbours each was scored with (inspection)."""
+
+    def tokenize(self, document: EvalDocument) -> tuple[str, list[int]]:
+        text = document.text[: self.max_doc_chars]
+        return text, self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str) -> float:
+        """Sum of log-probs of the last `scored` prompt tokens."""
+        sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True)
+        values = None
+        async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):
+            if delta.prompt_logprobs is not None:
+                values = delta.prompt_logprobs
+        if values is None:
+            raise RuntimeError("the engine returned no prompt log-probs")
+        tail = values[len(prompt_ids) - scored:]
+        if any(v is None for v in tail):
+            raise RuntimeError("a scored position has no log-prob")
+        return float(sum(tail))
+
+    def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
+        spans = []
+        for index, ids in enumerate(tokens):
+            if settings.mode == "none" or not ids:
+                spans.append(_Span(index, 0, len(ids)))
+                continue
+            for start in range(0, len(ids), settings.stride):
+                spans.append(_Span(index, start, min(start + settings.stride, len(ids))))
+        return spans
+
+    def _attach_neighbours(self, spans: list[_Span], tokens, documents, settings, scores) -> None:
+        """One batched search for every span that has a preceding query (all documents at once)."""
+        queried = [s for s in spans if s.start > 0 and settings.mode == "chunk"]
+        if not queried:
+            return
+        if self.retrieve is None:
+            raise ValueError("chunk mode needs a datastore to retrieve from")
+        decode = self.engine.tokenizer.decode
+        queries = [decode(tokens[s.document][max(0, s.start - settings.query_tokens): s.start],
+                          skip_special_tokens=True) for s in queried]
+        results = self.retrieve(queries, settings.neighbours + self.exclusion_margin)
+        for span, found in zip(queried, results):
+            source = source_key(documents[span.document].source)
+            kept = [n for n in found if source_key(n.source) != source]
+            scores[span.document].excluded_neighbours += len(found) - len(kept)
+            scores[span.document].retrievals += 1
+            span.neighbours = kept[: settings.neighbours]
+
+    async def evaluate(self, documents: Sequence[EvalDocument], settings: EvalSettings) -> EvalResult:
+        texts, tokens = zip(*(self.tokenize(d) for d in documents)) if documents else ((), ())
+        scores = [DocumentScore(d.source, len(t.encode("utf-8")), len(ids), 0.0)
+                  for d, t, ids in zip(documents, texts, tokens)]
+        spans = self._plan(list(tokens), settings)
+        self.last_plan = spans
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._attach_neighbours, spans, tokens, documents, settings, scores)
+        retrieval_seconds = time.perf_counter() - started
+
+        limit = asyncio.Semaphore(self.concurrency)
+        engine_tokens = 0
+
+        async def score(number: int, span: _Span) -> None:
+            nonlocal engine_tokens
+            ids = tokens[span.document]
+            target = ids[span.start: span.end]
+            built = context.build_context(
+                [], ids[: span.start], span.neighbours, self.separator_ids,
+                self.engine.max_model_len - len(target) - 1, layout=settings.layout, prefix_ids=self.start_ids,
+            )
+            prompt = built.token_ids + target
+            engine_tokens += len(prompt)
+            async with limit:
+                logprob = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}")
+            scores[span.document].nll_nats -= logprob
+
+        started = time.perf_counter()
+        await asyncio.gather(*(score(n, s) for n, s in enumerate(spans) if s.end > s.start))
+        return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started, engine_tokens)
+
+
+def ngram_overlap(heldout_tokens: Sequence[Sequence[int]], datastore_tokens: Sequence[Sequence[int]],
+                  n: int = OVERLAP_NGRAM) -> dict:
+    """Share of held-out token n-grams found verbatim in the datastore, overall and worst document."""
+    seen = set()
+    for ids in datastore_tokens:
+        for i in range(len(ids) - n + 1):
+            seen.add(hash(tuple(ids[i: i + n])))
+    per_document = []
+    total = hits = 0
+    for ids in heldout_tokens:
+        grams = [hash(tuple(ids[i: i + n])) for i in range(len(ids) - n + 1)]
+        found = sum(1 for g in grams if g in seen)
+        per_document.append(found / len(grams) if grams else 0.0)
+        total += len(grams)
+        hits += found
+    return {
+        "ngram": n,
+        "overlap": hits / total if total else 0.0,
+        "max_document_overlap": max(per_document, default=0.0),
+        "per_document": per_document,
+    }

@@ -1,0 +1,156 @@
+"""`retroserve eval` on the session's real engine: bits per byte against direct references, the
+leakage guard, and the run/sweep commands end to end on the tiny corpus (JSON and plots written).
+
+The commands run on the session server's event loop with its engine (`run_async(args, engine)`),
+so no second vLLM engine is loaded; `Engine.start` itself is exercised by the server tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from server import eval_cli
+from server.cli import build_parser
+from server.evaluation import EvalDocument, Evaluator, EvalSettings, document_start_ids, ngram_overlap
+
+TEXT = "The assert statement checks a condition and raises AssertionError when it is false. ☃"
+
+
+def direct_bits_per_byte(server, text: str) -> float:
+    """From the engine's prompt log-probs, without the eval code: sum over the text's tokens."""
+    from server.engine import SegmentSampling
+
+    engine = server.running.engine
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = document_start_ids(engine.tokenizer) + ids
+
+    async def logprobs():
+        values = None
+        async for delta in engine.generate_segment(prompt, SegmentSampling(max_tokens=1, prompt_logprobs=True), "direct"):
+            values = delta.prompt_logprobs or values
+        return values
+
+    values = server.call(logprobs())
+    return -sum(values[1:]) / math.log(2) / len(text.encode("utf-8"))
+
+
+def test_bits_per_byte_equals_direct_engine_computation(server):
+    evaluator = Evaluator(server.running.engine)
+    result = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="none")))
+    assert result.documents[0].bytes == len(TEXT.encode("utf-8")) > len(TEXT)  # the snowman is 3 bytes
+    assert result.bits_per_byte == pytest.approx(direct_bits_per_byte(server, TEXT), rel=1e-9)
+    assert 0.3 < result.bits_per_byte < 3.0
+
+
+def test_bits_per_byte_agrees_with_transformers(server):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from server import checkpoint
+
+    engine = server.running.engine
+    evaluator = Evaluator(engine)
+    result = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="none")))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.ensure_dense_copy(engine.config.model_dir),
+                                                 torch_dtype="float32")
+    ids = document_start_ids(engine.tokenizer) + engine.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    nll = -logits.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / len(TEXT.encode()), rel=2e-3)
+
+
+def test_chunk_mode_with_one_span_equals_model_alone(server):
+    """The first span has no preceding query: with stride >= the document it is the model alone."""
+    retrieve_calls = []
+    evaluator = Evaluator(server.running.engine, lambda q, k: retrieve_calls.append(q) or [[] for _ in q])
+    alone = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="none")))
+    one_span = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="chunk", stride=512)))
+    assert retrieve_calls == [] and one_span.documents[0].retrievals == 0
+    assert one_span.bits_per_byte == pytest.approx(alone.bits_per_byte, rel=1e-9)
+
+
+def test_retrieval_queries_are_the_tokens_before_each_span(server):
+    seen = []
+    evaluator = Evaluator(server.running.engine, lambda queries, k: seen.extend(queries) or [[] for _ in queries])
+    server.call(evaluator.evaluate([EvalDocument("doc", TEXT)], EvalSettings(mode="chunk", stride=4, query_tokens=6)))
+    tokenizer = server.running.engine.tokenizer
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    expected = [tokenizer.decode(ids[max(0, s - 6): s], skip_special_tokens=True) for s in range(4, len(ids), 4)]
+    assert seen == expected
+
+
+def test_leakage_guard_drops_neighbours_from_the_scored_document(server, server_datastore, prepared_model_dir):
+    from pydoc_data.topics import topics
+
+    datastore, retrieve = eval_cli.open_retrieval(server_datastore, prepared_model_dir)
+    try:
+        sources = {n.source for _, n in ((None, n) for row in retrieve([topics["assert"][:200]], 5) for n in row)}
+        leaked_source = next(s for s in sources if s.endswith("assert.txt"))
+        used = []
+
+        def recording_retrieve(queries, k):
+            rows = retrieve(queries, k)
+            used.append(rows)
+            return rows
+
+        evaluator = Evaluator(server.running.engine, recording_retrieve, max_doc_chars=600)
+        document = EvalDocument(leaked_source, topics["assert"])
+        result = server.call(evaluator.evaluate([document], EvalSettings(mode="chunk", stride=32, neighbours=2)))
+    finally:
+        datastore.close()
+    assert result.documents[0].excluded_neighbours > 0
+    spans = evaluator.last_plan
+    assert spans and all(n.source != leaked_source for span in spans for n in span.neighbours)
+    assert all(len(span.neighbours) == 2 for span in spans if span.start > 0)
+
+
+def test_ngram_overlap_counts_verbatim_reuse():
+    datastore = [list(range(100))]
+    assert ngram_overlap([list(range(20, 60))], datastore, n=13)["overlap"] == 1.0
+    assert ngram_overlap([list(range(200, 240))], datastore, n=13)["overlap"] == 0.0
+    half = ngram_overlap([list(range(80, 120))], datastore, n=5)
+    assert 0.4 < half["overlap"] < 0.6
+
+
+def test_eval_run_and_sweep_commands_write_results_and_plots(server, corpus_dir, tmp_path, capsys):
+    parser = build_parser()
+    split_path = tmp_path / "split.json"
+    args = parser.parse_args(["eval", "split", str(corpus_dir), "-o", str(split_path), "--heldout-fraction", "0.3",
+                              "--seed", "3"])
+    assert args.func(args) == 0
+    split = json.loads(split_path.read_text())
+    assert split["heldout"] and split["datastore"] and not set(split["heldout"]) & set(split["datastore"])
+
+    run_dir = tmp_path / "run"
+    args = parser.parse_args(["eval", "sweep", "--split", str(split_path), "--fractions", "0.5", "1.0",
+                              "--k", "1", "2", "--stride", "32", "--max-doc-chars", "800",
+                              "--output-dir", str(run_dir)])
+    payload = server.call(eval_cli.sweep_async(args, engine=server.running.engine), timeout=600)
+    assert len(payload["references"]) == 1 and len(payload["rows"]) == 4
+    entries = sorted({row["datastore"]["entries"] for row in payload["rows"]})
+    assert len(entries) == 2 and entries[0] < entries[1]
+    assert (run_dir / "sweep.png").stat().st_size > 1000
+    assert json.loads((run_dir / "results.json").read_text())["rows"][0]["bits_per_byte"] > 0
+
+    args = parser.parse_args(["eval", "run", "--split", str(split_path), "--datastore",
+                              str(run_dir / "datastores" / "fraction-1"), "--k", "2", "--stride", "16", "32",
+                              "--max-doc-chars", "800", "--output-dir", str(tmp_path / "ablate")])
+    payload = server.call(eval_cli.run_async(args, engine=server.running.engine), timeout=600)
+    labels = [row["label"] for row in payload["rows"]]
+    assert labels == ["model alone", "chunk k=2 stride=16 query=32", "chunk k=2 stride=32 query=32"]
+    assert 0.0 <= payload["overlap"]["overlap"] <= 1.0
+    assert (tmp_path / "ablate" / "settings.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "near-verbatim overlap" in out
+
+
+def test_eval_cli_names_a_bad_split_file(tmp_path, capsys):
+    bad = tmp_path / "split.json"
+    bad.write_text("{}")
+    args = build_parser().parse_args(["eval", "run", "--split", str(bad)])
+    assert args.func(args) == 2
+    assert "retroserve eval split" in capsys.readouterr().err
