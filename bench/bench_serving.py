@@ -66,12 +66,16 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def prompts(count: int, chars: int) -> list[str]:
-    """Openings of distinct language-reference topics (each request a different prompt)."""
+def prompts(count: int, chars: int, first: int) -> list[str]:
+    """Windows of the language reference, distinct across the whole run (`first` = how many were
+    used before), so no scenario finds another's prompts in the prefix or query cache."""
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    return [topics[names[(7 * i) % len(names)]][:chars] for i in range(count)]
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    step = chars + 1
+    if (first + count) * step > len(text):
+        raise ValueError(f"not enough distinct {chars}-character prompts for {first + count} requests")
+    return [text[(first + i) * step:(first + i) * step + chars] for i in range(count)]
 
 
 async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> Outcome:
@@ -104,8 +108,8 @@ async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> 
 
 
 async def run_scenario(address: str, name: str, options: dict, concurrency: int, per_stream: int,
-                       max_new_tokens: int, prompt_chars: int) -> Row:
-    texts = prompts(concurrency * per_stream, prompt_chars)
+                       max_new_tokens: int, prompt_chars: int, first_prompt: int) -> Row:
+    texts = prompts(concurrency * per_stream, prompt_chars, first_prompt)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RetroserveStub(channel)
 
@@ -183,10 +187,13 @@ def main() -> int:
         rows = []
         print(f"{'scenario':30s} {'conc':>4s} {'req':>4s} {'tok/s':>7s} {'p50 s':>6s} {'ttft50':>7s} "
               f"{'ttft95':>7s} {'itl50':>6s} {'retr ms':>8s} {'prefix hit':>10s}")
+        used = 0
         for name in args.scenarios:
             for concurrency in args.concurrency:
                 row = asyncio.run(run_scenario(address, name, SCENARIOS[name], concurrency,
-                                               args.requests_per_stream, args.max_new_tokens, args.prompt_chars))
+                                               args.requests_per_stream, args.max_new_tokens, args.prompt_chars,
+                                               used))
+                used += row.requests
                 rows.append(row)
                 print(f"{row.scenario:30s} {row.concurrency:4d} {row.requests:4d} {row.output_tokens_per_s:7.1f} "
                       f"{row.request_p50_s:6.2f} {row.ttft_p50_ms:7.0f} {row.ttft_p95_ms:7.0f} "

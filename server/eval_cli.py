@@ -93,8 +93,8 @@ def settings_grid(args) -> list:
     from server.evaluation import EvalSettings
 
     grid = [EvalSettings(mode="none")]
-    for k, stride, query in itertools.product(args.k, args.stride, args.query_tokens):
-        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query))
+    for k, stride, query, layout in itertools.product(args.k, args.stride, args.query_tokens, args.layout):
+        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout))
     return grid
 
 
@@ -361,6 +361,9 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
     parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
+    parser.add_argument("--layout", nargs="+", default=["prepend"], choices=["prepend", "after_prompt"],
+                        help="context layout (grid): neighbours before the document so far, or between "
+                             "it and the scored span (the document prefix then stays in vLLM's prefix cache)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
 
 

@@ -59,7 +59,8 @@ class EvalSettings:
     def label(self) -> str:
         if self.mode == "none":
             return "model alone"
-        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}"
+        layout = "" if self.layout == "prepend" else f" {self.layout}"
+        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}"
 
 
 @dataclass
@@ -213,8 +214,10 @@ class Evaluator:
             nonlocal engine_tokens
             ids = tokens[span.document]
             target = ids[span.start: span.end]
+            # The document so far is the prompt of the span, as if a client had sent it and asked
+            # for the next `stride` tokens: the layout then places neighbours as the server would.
             built = context.build_context(
-                [], ids[: span.start], span.neighbours, self.separator_ids,
+                ids[: span.start], [], span.neighbours, self.separator_ids,
                 self.engine.max_model_len - len(target) - 1, layout=settings.layout, prefix_ids=self.start_ids,
             )
             prompt = built.token_ids + target
