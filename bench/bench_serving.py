@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -58,8 +59,9 @@ class Row:
     output_tokens_per_s: float
     request_p50_s: float
     ttft_p50_ms: float
-    ttft_p95_ms: float
+    ttft_p99_ms: float
     inter_token_p50_ms: float
+    inter_token_p99_ms: float
     retrieval_ms_per_request: float
     prefix_cache_hit_rate: float
     wall_s: float
@@ -76,6 +78,11 @@ def prompts(count: int, chars: int, first: int) -> list[str]:
     if (first + count) * step > len(text):
         raise ValueError(f"not enough distinct {chars}-character prompts for {first + count} requests")
     return [text[(first + i) * step:(first + i) * step + chars] for i in range(count)]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (with few samples p99 is the maximum)."""
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
 async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> Outcome:
@@ -123,7 +130,7 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
         outcomes = [o for batch in await asyncio.gather(*(stream(w) for w in range(concurrency))) for o in batch]
         wall = time.perf_counter() - started
     ttfts = sorted(o.ttft_s * 1000 for o in outcomes)
-    gaps = [g for o in outcomes for g in o.gaps_s]
+    gaps = sorted(g * 1000 for o in outcomes for g in o.gaps_s)
     engine_tokens = sum(o.engine_prompt_tokens for o in outcomes)
     return Row(
         scenario=name,
@@ -132,8 +139,9 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
         output_tokens_per_s=sum(o.tokens for o in outcomes) / wall,
         request_p50_s=statistics.median(o.seconds for o in outcomes),
         ttft_p50_ms=statistics.median(ttfts),
-        ttft_p95_ms=ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-        inter_token_p50_ms=statistics.median(gaps) * 1000 if gaps else float("nan"),
+        ttft_p99_ms=percentile(ttfts, 0.99),
+        inter_token_p50_ms=statistics.median(gaps) if gaps else float("nan"),
+        inter_token_p99_ms=percentile(gaps, 0.99) if gaps else float("nan"),
         retrieval_ms_per_request=statistics.mean(o.retrieval_ms for o in outcomes),
         prefix_cache_hit_rate=sum(o.cached_prompt_tokens for o in outcomes) / engine_tokens if engine_tokens else 0.0,
         wall_s=wall,
@@ -185,8 +193,9 @@ def main() -> int:
         with RetroserveClient(address) as client:
             info = client.info()
         rows = []
-        print(f"{'scenario':30s} {'conc':>4s} {'req':>4s} {'tok/s':>7s} {'p50 s':>6s} {'ttft50':>7s} "
-              f"{'ttft95':>7s} {'itl50':>6s} {'retr ms':>8s} {'prefix hit':>10s}")
+        print(f"{'scenario':30s} {'conc':>4s} {'req':>4s} {'tok/s':>7s} {'vs none':>7s} {'p50 s':>6s} "
+              f"{'ttft50':>7s} {'ttft99':>7s} {'itl50':>6s} {'itl99':>6s} {'retr ms':>8s} {'prefix hit':>10s}")
+        baseline: dict[int, float] = {}
         used = 0
         for name in args.scenarios:
             for concurrency in args.concurrency:
@@ -195,10 +204,15 @@ def main() -> int:
                                                used))
                 used += row.requests
                 rows.append(row)
+                if name == "none":
+                    baseline[concurrency] = row.output_tokens_per_s
+                if concurrency in baseline:
+                    row.extra["throughput_vs_none"] = row.output_tokens_per_s / baseline[concurrency]
+                ratio = row.extra.get("throughput_vs_none", float("nan"))
                 print(f"{row.scenario:30s} {row.concurrency:4d} {row.requests:4d} {row.output_tokens_per_s:7.1f} "
-                      f"{row.request_p50_s:6.2f} {row.ttft_p50_ms:7.0f} {row.ttft_p95_ms:7.0f} "
-                      f"{row.inter_token_p50_ms:6.1f} {row.retrieval_ms_per_request:8.1f} "
-                      f"{row.prefix_cache_hit_rate:10.3f}", flush=True)
+                      f"{ratio:7.2f} {row.request_p50_s:6.2f} {row.ttft_p50_ms:7.0f} {row.ttft_p99_ms:7.0f} "
+                      f"{row.inter_token_p50_ms:6.1f} {row.inter_token_p99_ms:6.1f} "
+                      f"{row.retrieval_ms_per_request:8.1f} {row.prefix_cache_hit_rate:10.3f}", flush=True)
         report = {
             "model": {"path": info.model.path, "quantization": info.model.quantization, "dtype": info.model.dtype,
                       "device": info.model.device},

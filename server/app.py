@@ -58,13 +58,18 @@ class RunningServer:
         await self.health.set(SERVICE_NAME, status)
 
     async def shutdown(self, grace_s: float) -> None:
-        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace, stop the engine."""
+        """Drain, then stop: health turns NOT_SERVING (probes keep getting answers, so the load
+        balancer takes this replica out), new generation requests get UNAVAILABLE, admitted ones
+        get up to `grace_s` to finish; then the port closes and the engine stops."""
         if self.stopped.is_set():
             return
         await self.set_serving(False)
+        deadline = asyncio.get_running_loop().time() + grace_s
         if self.service is not None:
             self.service.draining = True
-        await self.server.stop(grace_s)
+            while self.service.admission.admitted and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         for task in self._tasks:
             task.cancel()
         if self.retrieval is not None:

@@ -100,6 +100,67 @@ def test_tokenize_matches_the_model_tokenizer(server, client, prepared_model_dir
 # -- generation --------------------------------------------------------------------------------------
 
 
+def test_greedy_without_retrieval_equals_the_engines_own_greedy_output(server, client):
+    """The server's loop (segments, detokenization, stop handling) adds nothing to vLLM's greedy."""
+    from server.engine import SegmentSampling
+
+    engine = server.running.engine
+    prompt_ids = engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+    async def direct():
+        tokens = []
+        async for delta in engine.generate_segment(prompt_ids, SegmentSampling(max_tokens=24), "direct-greedy"):
+            tokens += delta.token_ids
+        return tokens
+
+    reply = client.generate(PROMPT, mode="none", max_new_tokens=24, return_token_ids=True)
+    assert list(reply.token_ids) == server.call(direct())
+
+
+def test_health_is_not_serving_until_the_engine_is_loaded(server, prepared_model_dir, server_datastore,
+                                                          monkeypatch):
+    """The port answers health checks with NOT_SERVING while the engine loads (the session's real
+    engine, handed over only when the test releases it), then SERVING."""
+    import asyncio
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from server import app
+
+    release = threading.Event()
+
+    def slow_start_engine(config):
+        release.wait(60)
+        return server.running.engine
+
+    monkeypatch.setattr(app, "start_engine", slow_start_engine)
+    config = server_config(prepared_model_dir, server_datastore)
+    config.address = f"127.0.0.1:{_free_port()}"
+    started = asyncio.run_coroutine_threadsafe(app.start(config, registry=CollectorRegistry()), server.loop)
+    try:
+        with RetroserveClient(config.address, timeout=5) as probe:
+            assert probe.health(wait_for_ready=True) == "NOT_SERVING"
+            assert probe.health("retroserve.v1.Retroserve") == "NOT_SERVING"
+            assert not started.done()
+            release.set()
+            started.result(60)
+            assert probe.health() == "SERVING"
+    finally:
+        release.set()
+        running = started.result(60)
+        running.owns_engine = False  # the engine is the session server's
+        server.call(running.shutdown(1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_greedy_without_retrieval_equals_transformers(server, client, hf_model):
     import torch
 
@@ -344,6 +405,10 @@ def test_shutdown_drains_in_flight_requests(server, prepared_model_dir, server_d
         stream = client.stub.GenerateStream(build_generate_request(PROMPT, mode="none", max_new_tokens=24))
         first = next(stream)
         stopping = futures.ThreadPoolExecutor(1).submit(second.stop, 30.0)
+        assert wait_until(lambda: client.health() == "NOT_SERVING", 5)  # probes still answered
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(PROMPT, mode="none", max_new_tokens=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(stream)  # the admitted request finishes during the drain
         assert rest[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS
         assert rest[-1].generated_token_count == 24 and (first.text + "".join(m.text for m in rest))
