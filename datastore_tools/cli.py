@@ -23,8 +23,8 @@ COMMANDS = {
 }
 
 
-def _handles_errors(run):
-    """Map user-fixable errors to exit code 2 with one `error:` line."""
+def handles_errors(run, extra: tuple[type[Exception], ...] = ()):
+    """Map user-fixable errors (and `extra` ones) to exit code 2 with one `error:` line."""
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _handles_errors(run):
 
         try:
             return run(args)
-        except (DatastoreToolError, DatastoreError, EncoderError) as error:
+        except (DatastoreToolError, DatastoreError, EncoderError, *extra) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
 
@@ -78,7 +78,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-@_handles_errors
+@handles_errors
 def run_build(args: argparse.Namespace) -> int:
     from datastore_tools.build import BuildConfig, build_datastore
     from datastore_tools.errors import DatastoreToolError
@@ -139,7 +139,7 @@ def datastore_info(path: Path) -> dict:
     }
 
 
-@_handles_errors
+@handles_errors
 def run_info(args: argparse.Namespace) -> int:
     info = datastore_info(args.datastore)
     manifest = info["manifest"]
@@ -174,7 +174,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("datastore", type=Path)
 
 
-@_handles_errors
+@handles_errors
 def run_verify(args: argparse.Namespace) -> int:
     from datastore_tools.verify import verify_datastore
 
@@ -200,7 +200,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-@_handles_errors
+@handles_errors
 def run_search(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -242,7 +242,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true")
 
 
-@_handles_errors
+@handles_errors
 def run_prune(args: argparse.Namespace) -> int:
     from datastore_tools.prune import prune_datastore
 
@@ -264,7 +264,7 @@ def add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true")
 
 
-@_handles_errors
+@handles_errors
 def run_reduce(args: argparse.Namespace) -> int:
     from datastore_tools.reduce import reduce_datastore
 

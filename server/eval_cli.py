@@ -367,6 +367,12 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
 
 
+def _handles_errors(run):
+    from datastore_tools.cli import handles_errors
+
+    return handles_errors(run, extra=(EvalError,))
+
+
 def add_eval_commands(groups) -> None:
     evaluation = groups.add_parser("eval", help="bits per byte with and without retrieval; sweeps and ablations")
     commands = evaluation.add_subparsers(dest="command", required=True)
@@ -393,16 +399,3 @@ def add_eval_commands(groups) -> None:
     _add_scoring_arguments(sweep)
     sweep.set_defaults(func=_handles_errors(run_sweep))
 
-
-def _handles_errors(run):
-    def wrapped(args) -> int:
-        from datastore_tools.errors import DatastoreToolError
-        from retriever.datastore import DatastoreError
-
-        try:
-            return run(args)
-        except (EvalError, DatastoreError, DatastoreToolError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapped
