@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -340,12 +341,23 @@ async def sweep_async(args, engine=None) -> dict:
     return payload
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM raises SystemExit so `finally` shuts the engine down: killed without it, the main
+    process dies and vLLM's engine-core process was seen running on, orphaned, for 20 minutes."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_run(args) -> int:
+    _exit_cleanly_on_sigterm()
     asyncio.run(run_async(args))
     return 0
 
 
 def run_sweep(args) -> int:
+    _exit_cleanly_on_sigterm()
     asyncio.run(sweep_async(args))
     return 0
 
