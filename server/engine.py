@@ -103,7 +103,7 @@ class Engine:
 
     @property
     def errored(self) -> bool:
-        return bool(self._llm.errored)
+        return self._llm is not None and bool(self._llm.errored)
 
     @property
     def max_model_len(self) -> int:
@@ -167,7 +167,12 @@ class Engine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop the engine processes. The AsyncLLM is dropped here, at run time: left to the
+        interpreter's exit, its __del__ shuts down again with module globals gone and prints a
+        TypeError traceback."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
 
 
 def engine_summary(engine: Engine) -> dict:
