@@ -35,6 +35,7 @@ from server.client import RetroserveClient, build_generate_request  # noqa: E402
 SCENARIOS = {
     "none": dict(mode="none"),
     "chunk-stride64": dict(mode="chunk", stride=64, layout="prepend"),
+    "chunk-stride64-k1": dict(mode="chunk", stride=64, layout="prepend", neighbours=1),
     "chunk-stride16": dict(mode="chunk", stride=16, layout="prepend"),
     "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
 }
@@ -173,7 +174,8 @@ def main() -> int:
     parser.add_argument("--address", help="benchmark a running server instead of starting one")
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", default=[name for name in SCENARIOS if not name.endswith("-k1")],
+                        choices=list(SCENARIOS))
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-chars", type=int, default=600,

@@ -167,9 +167,9 @@ class Engine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        """Stop the engine processes. The AsyncLLM is dropped here, at run time: left to the
-        interpreter's exit, its __del__ shuts down again with module globals gone and prints a
-        TypeError traceback."""
+        """Stop the engine processes; idempotent. (vLLM's AsyncLLM.__del__ may still print an
+        ignored TypeError at interpreter exit when other references keep it alive until then:
+        its shutdown calls a module global that is already None. Harmless; vLLM's bug.)"""
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
