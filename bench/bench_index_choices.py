@@ -31,6 +31,7 @@ CANDIDATES = [
     # (label, factory, pca, nprobe values to try)
     ("IVF1024,PQ96", "IVF1024,PQ96", None, (32, 64, 128)),
     ("IVF1024,PQ192", "IVF1024,PQ192", None, (32, 64, 128)),
+    ("IVF1024,PQ128", "IVF1024,PQ128", None, (32, 64)),
     ("IVF1024,SQ4", "IVF1024,SQ4", None, (32, 64, 128)),
     ("PCA192+IVF1024,SQ8", "IVF1024,SQ8", 192, (32, 64, 128)),
     ("PCA128+IVF1024,SQ8", "IVF1024,SQ8", 128, (32, 64)),
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all)")
+    parser.add_argument("--only", nargs="+", default=None, help="labels of CANDIDATES to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "index_choices.json")
     args = parser.parse_args()
     if args.threads:
@@ -73,6 +75,8 @@ def main() -> int:
     print(f"{'index':26s} {'nprobe':>6s} {'B/entry':>8s} {'x fewer':>7s} {'recall@10':>9s} {'b1 p50':>7s} "
           f"{'b32 p50':>8s} {'b32 p99':>8s}")
     for label, factory, pca, probes in CANDIDATES:
+        if args.only and label not in args.only:
+            continue
         started = time.perf_counter()
         index, _ = build_index(db, factory, pca)
         build_s = time.perf_counter() - started
