@@ -10,23 +10,25 @@ one search function every retrieval goes through.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from retriever import fingerprints
 from retriever.batcher import RetrievalBatcher
 from retriever.cache import CachedSearcher, QueryCache
-from retriever.datastore import Datastore, DatastoreError
+from retriever.datastore import BatchResults, Datastore, DatastoreError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServingRetrieval:
-    """The datastore, the cached searcher in front of it, and the batcher requests go through."""
+    """The datastore, the one metered and cached search every retrieval goes through, and the
+    batcher that coalesces the generation loop's calls to it."""
 
     datastore: Datastore
-    searcher: CachedSearcher
+    search: Callable[[Sequence[str], int], BatchResults]
     batcher: RetrievalBatcher
 
     async def close(self) -> None:
@@ -86,8 +88,6 @@ def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetri
     )
     datastore.encode(["warm-up"])  # loads MiniLM now rather than in the first request
     cache = QueryCache(capacity=config.retrieval.cache_size)
-    searcher = CachedSearcher(datastore, cache)
-    batcher = RetrievalBatcher(
-        metered_search(searcher, metrics), window_s=config.retrieval.batch_window_ms / 1000.0
-    )
-    return ServingRetrieval(datastore, searcher, batcher)
+    search = metered_search(CachedSearcher(datastore, cache), metrics)
+    batcher = RetrievalBatcher(search, window_s=config.retrieval.batch_window_ms / 1000.0)
+    return ServingRetrieval(datastore, search, batcher)

@@ -138,9 +138,17 @@ def read_index(index_path: Path) -> tuple[faiss.Index, bool]:
         raise DatastoreError(f"{index_path} is not a readable FAISS index ({error}); {REBUILD_HINT}") from error
 
 
-_SHARED_ENVS: dict[tuple, list] = {}
-"""(real path, device, inode of data.mdb) -> [env, chunks_db, docs_db, readers]. LMDB allows one
-open environment per file and process, so Datastores opened twice on one path in one process (a
+@dataclass
+class _SharedEnv:
+    env: lmdb.Environment
+    chunks_db: object
+    docs_db: object
+    readers: int = 0
+
+
+_SHARED_ENVS: dict[tuple, _SharedEnv] = {}
+"""(real path, device, inode of data.mdb) -> the open environment. LMDB allows one open
+environment per file and process, so Datastores opened twice on one path in one process (a
 server and `retroserve eval`, a hot swap back to a version) share it; the last close closes it."""
 _SHARED_ENVS_LOCK = threading.Lock()
 
@@ -162,14 +170,14 @@ class PayloadReader:
                 if shared is None:
                     env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, subdir=True, readahead=False)
                     try:
-                        shared = [env, env.open_db(fmt.CHUNKS_DB, create=False),
-                                  env.open_db(fmt.DOCS_DB, create=False), 0]
+                        shared = _SharedEnv(env, env.open_db(fmt.CHUNKS_DB, create=False),
+                                            env.open_db(fmt.DOCS_DB, create=False))
                     except lmdb.Error:
                         env.close()
                         raise
                     _SHARED_ENVS[self._key] = shared
-                shared[3] += 1
-                self.env, self.chunks_db, self.docs_db = shared[0], shared[1], shared[2]
+                shared.readers += 1
+                self.env, self.chunks_db, self.docs_db = shared.env, shared.chunks_db, shared.docs_db
         except (lmdb.Error, OSError) as error:
             raise DatastoreError(f"{path} is not a readable payload store ({error}); {REBUILD_HINT}") from error
         self._closed = False
@@ -213,8 +221,8 @@ class PayloadReader:
             shared = _SHARED_ENVS.get(self._key)
             if shared is None:
                 return
-            shared[3] -= 1
-            if shared[3] == 0:
+            shared.readers -= 1
+            if shared.readers == 0:
                 del _SHARED_ENVS[self._key]
                 self.env.close()
 

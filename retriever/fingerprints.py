@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 # Files that define a tokenizer's behaviour, hashed in this order when present.
@@ -23,10 +24,17 @@ TOKENIZER_FILES = (
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-def _hash_files(paths: list[Path], digest: "hashlib._Hash") -> None:
+def _hash_files(paths: list[Path], digest: "hashlib._Hash",
+                canonical: Callable[[Path], bytes | None] = lambda path: None) -> None:
+    """Name, NUL, then contents of each file; `canonical` may give a file's contents in a
+    normalised form instead (None: hash the bytes as they are)."""
     for path in paths:
         digest.update(path.name.encode())
         digest.update(b"\0")
+        normalised = canonical(path)
+        if normalised is not None:
+            digest.update(normalised)
+            continue
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -38,7 +46,9 @@ RUNTIME_CONFIG_KEYS = frozenset({"local_files_only", "is_local", "cache_dir", "t
 sets local_files_only), not from what the tokenizer does; they must not change the fingerprint."""
 
 
-def _canonical_tokenizer_config(path: Path) -> bytes:
+def _canonical_tokenizer_config(path: Path) -> bytes | None:
+    if path.name != "tokenizer_config.json":
+        return None
     config = json.loads(path.read_text(encoding="utf-8"))
     behaviour = {key: value for key, value in config.items() if key not in RUNTIME_CONFIG_KEYS}
     return json.dumps(behaviour, sort_keys=True, separators=(",", ":")).encode()
@@ -57,13 +67,7 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
             "prepare the model with `retroserve model prepare`"
         )
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(b"\0")
-        if path.name == "tokenizer_config.json":
-            digest.update(_canonical_tokenizer_config(path))
-        else:
-            digest.update(path.read_bytes())
+    _hash_files(files, digest, canonical=_canonical_tokenizer_config)
     return "tok-sha256:" + digest.hexdigest()
 
 

@@ -64,12 +64,13 @@ class RunningServer:
         if self.stopped.is_set():
             return
         await self.set_serving(False)
-        deadline = asyncio.get_running_loop().time() + grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         if self.service is not None:
             self.service.draining = True
-            while self.service.admission.admitted and asyncio.get_running_loop().time() < deadline:
+            while self.service.admission.admitted and loop.time() < deadline:
                 await asyncio.sleep(0.05)
-        await self.server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        await self.server.stop(max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         if self.retrieval is not None:

@@ -58,11 +58,11 @@ class Engine:
     """One vLLM AsyncLLM plus the tokenizer of the served model."""
 
     def __init__(self, llm, tokenizer, config: EngineConfig, served_dir: Path, served_what: str,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: str | None = None):
         self._llm = llm
         self.device = device
-        self.dtype = config.dtype
-        """Resolved activation dtype (Engine.start replaces "auto")."""
+        self.dtype = dtype or config.dtype
+        """Activation dtype the engine runs with ("auto" resolved by Engine.start)."""
         self.tokenizer = tokenizer
         self.config = config
         self.served_dir = served_dir
@@ -97,9 +97,7 @@ class Engine:
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(served_dir)
         log.info("engine ready: %s (%s, %s) on %s", config.model_dir, served_what, dtype, device)
-        engine = cls(llm, tokenizer, config, served_dir, served_what, device)
-        engine.dtype = dtype
-        return engine
+        return cls(llm, tokenizer, config, served_dir, served_what, device, dtype)
 
     @property
     def errored(self) -> bool:

@@ -130,15 +130,10 @@ async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) 
 
 async def score_model_alone(model_dir: Path, documents, args) -> list[dict]:
     """A reference model (e.g. Gemma-3 270M) scored alone, in an engine of its own."""
-    from server.engine import Engine
     from server.evaluation import EvalSettings
 
-    loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, Engine.start, _engine_config(model_dir, args.max_model_len))
-    try:
-        return await score_grid(engine, documents, [EvalSettings(mode="none")], None, args)
-    finally:
-        engine.shutdown()
+    return await _with_engine(model_dir, args, None,
+                              lambda engine: score_grid(engine, documents, [EvalSettings(mode="none")], None, args))
 
 
 async def _with_engine(model_dir: Path, args, engine, work):

@@ -83,7 +83,7 @@ def retrieval_to_pb(event: RetrievalEvent, open_span: bool = False) -> pb.Retrie
     )
 
 
-def _summary_fields(result: GenerationResult, request: GenerationRequest, request_id: str) -> dict:
+def _summary_fields(result: GenerationResult, request_id: str) -> dict:
     """Fields shared by GenerateResponse and the last GenerateStreamResponse."""
     fields = dict(
         generated_token_count=len(result.token_ids),
@@ -228,7 +228,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         result = None
         async for delta in self._generate(validated, request_id):
             result = delta.result or result
-        response = pb.GenerateResponse(text=result.text, **_summary_fields(result, validated, request_id))
+        response = pb.GenerateResponse(text=result.text, **_summary_fields(result, request_id))
         if validated.return_provenance:
             response.retrievals.extend(retrieval_to_pb(event) for event in result.retrievals)
         if validated.return_token_ids:
@@ -243,7 +243,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         async for delta in self._generate(validated, request_id):
             message = self._stream_message(delta, validated)
             if delta.result is not None:
-                message.MergeFrom(pb.GenerateStreamResponse(**_summary_fields(delta.result, validated, request_id)))
+                message.MergeFrom(pb.GenerateStreamResponse(**_summary_fields(delta.result, request_id)))
                 yield message
             elif message.ByteSize():
                 yield message
@@ -268,7 +268,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         self._check_ready()
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        results = await loop.run_in_executor(None, self.retrieval.batcher.search, [query.query], query.neighbours)
+        results = await loop.run_in_executor(None, self.retrieval.search, [query.query], query.neighbours)
         total = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.observe_retrieval(total)
