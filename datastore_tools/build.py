@@ -27,7 +27,7 @@ from datastore_tools import chunking, embedding, index_factory, ingest, payloads
 from datastore_tools.errors import DatastoreToolError
 from datastore_tools.manifest import make_manifest, write_manifest
 from retriever import fingerprints
-from retriever.encoder import DEFAULT_BACKEND, QueryEncoder
+from retriever.encoder import BUILD_BACKEND, DEFAULT_BATCH_SIZE, QueryEncoder
 from retriever.format import EMBEDDINGS_FILE, INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class BuildConfig:
     """Seed of FAISS training (k-means, PQ)."""
     jsonl_field: str = "text"
     on_undecodable: str = "skip"
-    embedder_backend: str = DEFAULT_BACKEND
-    batch_size: int = 128
+    embedder_backend: str = BUILD_BACKEND
+    batch_size: int = DEFAULT_BATCH_SIZE
     """Texts per embedding forward pass."""
     shard_size: int = 1024
     """Chunks per checkpointed shard (the unit of resume)."""
