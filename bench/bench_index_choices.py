@@ -28,18 +28,25 @@ from bench_datastore import augment, exact_top10, recall_at_10, search_latency  
 from datastore_tools.index_factory import build_index  # noqa: E402
 
 CANDIDATES = [
-    # (label, factory, pca, nprobe values to try)
-    ("IVF1024,PQ96", "IVF1024,PQ96", None, (32, 64, 128)),
-    ("IVF1024,PQ192", "IVF1024,PQ192", None, (32, 64, 128)),
+    # (label, factory, pca, nprobe values to try). Flat stores 1536 B/entry, so 8x fewer is <= 192 B,
+    # and at 100k entries IVF1024's centroids (15.7 B/entry at 384-d) and ids (8 B) count too.
+    ("IVF1024,PQ96", "IVF1024,PQ96", None, (32, 64)),
     ("IVF1024,PQ128", "IVF1024,PQ128", None, (32, 64)),
-    ("IVF1024,SQ4", "IVF1024,SQ4", None, (32, 64, 128)),
-    ("PCA192+IVF1024,SQ8", "IVF1024,SQ8", 192, (32, 64, 128)),
-    ("PCA128+IVF1024,SQ8", "IVF1024,SQ8", 128, (32, 64)),
-    ("OPQ96+IVF1024,PQ96", "OPQ96,IVF1024,PQ96", None, (32, 64, 128)),
+    ("IVF1024,PQ192", "IVF1024,PQ192", None, (16, 32, 64)),
+    ("IVF1024,SQ4", "IVF1024,SQ4", None, (32, 64)),
+    ("PCA192+IVF1024,SQ8", "IVF1024,SQ8", 192, (32, 64)),
+    ("OPQ128+IVF1024,PQ128", "OPQ128,IVF1024,PQ128", None, (16, 32, 64)),
+    # PCA first, then 2-d sub-quantizers: fewer, finer codes per byte.
+    ("PCA256+IVF1024,PQ128", "IVF1024,PQ128", 256, (16, 32, 64)),
+    ("PCA320+IVF1024,PQ160", "IVF1024,PQ160", 320, (16, 32, 64)),
+    # 4-bit fast-scan PQ (SIMD in-register lookups): the latency candidates.
+    ("IVF1024,PQ192x4fs", "IVF1024,PQ192x4fs", None, (16, 32, 64)),
+    ("PCA256+IVF1024,PQ256x4fs", "IVF1024,PQ256x4fs", 256, (16, 32, 64)),
+    ("PCA320+IVF1024,PQ320x4fs", "IVF1024,PQ320x4fs", 320, (16, 32, 64)),
 ]
 
 
-def query_vectors(files: list[Path], count: int, model_dir: Path | None) -> np.ndarray:
+def query_vectors(files: list[Path], count: int, model_dir: Path | None, backend: str) -> np.ndarray:
     """`count` 64-token chunks of held-out files, embedded with the datastore's embedder."""
     from datastore_tools import chunking, ingest
     from retriever.encoder import QueryEncoder
@@ -48,7 +55,7 @@ def query_vectors(files: list[Path], count: int, model_dir: Path | None) -> np.n
     tokenizer = chunking.load_tokenizer(model_dir)
     chunks = chunking.chunk_documents(documents, tokenizer, 64)
     picked = np.random.RandomState(0).choice(len(chunks), min(count, len(chunks)), replace=False)
-    return QueryEncoder(backend="torch").encode([chunks[i].text for i in sorted(picked)])
+    return QueryEncoder(backend=backend).encode([chunks[i].text for i in sorted(picked)])
 
 
 def main() -> int:
@@ -67,7 +74,9 @@ def main() -> int:
 
     real = np.load(args.datastore / "embeddings.npy").astype(np.float32)
     db = augment(real, args.entries) if args.entries > len(real) else real[: args.entries]
-    queries = query_vectors(args.queries_from, args.queries, args.model).astype(np.float32)
+    manifest = args.datastore / "manifest.json"
+    backend = json.loads(manifest.read_text())["embedder"]["backend"] if manifest.is_file() else "auto"
+    queries = query_vectors(args.queries_from, args.queries, args.model, backend).astype(np.float32)
     truth = exact_top10(db, queries)
     flat_bytes = db.shape[1] * 4
     rows = []
