@@ -271,8 +271,7 @@ async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if running.datastores is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, running)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, running)  # (its default would end the process)
     waiter = asyncio.create_task(stop.wait())
     stopped = asyncio.create_task(running.stopped.wait())
     await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -288,6 +287,9 @@ async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
 
 def _reload_on_signal(running: RunningServer) -> None:
     """SIGHUP: reload the datastore serving now (a new version published at its path)."""
+    if running.datastores is None:
+        log.warning("SIGHUP ignored: this server runs without a datastore")
+        return
     log.info("SIGHUP: reloading the datastore")
     task = asyncio.get_running_loop().create_task(_reload_and_log(running))
     running._tasks.append(task)

@@ -100,7 +100,8 @@ def test_tls_clients_connect_and_plaintext_clients_cannot(server, pki, prepared_
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(server, pki, prepared_model_dir, tmp_path):
-    config = server_config(prepared_model_dir, tmp_path, security=tls_config(pki, tmp_path, mutual=True))
+    config = server_config(prepared_model_dir, tmp_path, security=tls_config(pki, tmp_path, mutual=True),
+                           max_streams_per_client=1)
     mtls_server = second_server(server, config, with_datastore=False)
     try:
         address = mtls_server.address
@@ -112,6 +113,18 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(server, pk
         assert health_or_code(address, tls_root_cert=pki["ca"], tls_client_cert=stranger_cert,
                               tls_client_key=stranger_key) == "UNAVAILABLE"  # another CA's certificate
         assert mtls_server.running.certificates.mutual
+        # The per-client limit knows this client by its certificate's common name.
+        with RetroserveClient(address, timeout=WAIT_S, tls_root_cert=pki["ca"], tls_client_cert=client_cert,
+                              tls_client_key=client_key) as client:
+            stream = client.generate_stream(PROMPT, mode="none", max_new_tokens=400)
+            next(stream)
+            try:
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.tokenize("a second call")
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "client cert:client-one" in caught.value.details()
+            finally:
+                stream.close()
     finally:
         mtls_server.stop(1)
 
