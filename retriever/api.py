@@ -83,10 +83,25 @@ def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetri
     """Open the configured datastore for a server whose model is `config.engine.model_dir`."""
     model_dir = Path(config.engine.model_dir)
     path = ensure_datastore(config.retrieval.datastore_dir, model_dir)
+    return open_datastore_for_serving(path, config, metrics, device)
+
+
+def open_datastore_for_serving(path: Path, config, metrics=None, device: str = "auto",
+                               encoder=None) -> ServingRetrieval:
+    """Open the datastore at `path` (which must exist) behind a fresh cache and batcher.
+
+    `encoder`: a loaded query encoder to share (a hot swap to a datastore with the same embedder
+    reuses the one already serving instead of loading a second copy)."""
+    model_dir = Path(config.engine.model_dir)
     datastore = Datastore.open(
-        path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device
+        path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device,
+        encoder=encoder,
     )
-    datastore.encode(["warm-up"])  # loads MiniLM now rather than in the first request
+    try:
+        datastore.encode(["warm-up"])  # loads MiniLM now rather than in the first request
+    except BaseException:
+        datastore.close()
+        raise
     cache = QueryCache(capacity=config.retrieval.cache_size)
     search = metered_search(CachedSearcher(datastore, cache), metrics)
     batcher = RetrievalBatcher(search, window_s=config.retrieval.batch_window_ms / 1000.0)

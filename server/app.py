@@ -1,10 +1,14 @@
-"""Assemble and run the gRPC server: engine, datastore, services, health, metrics, shutdown.
+"""Assemble and run the gRPC server: engine, datastore, services, health, metrics, security, shutdown.
 
 Order of events: the gRPC port opens first with health NOT_SERVING (so probes get an answer during
 the tens of seconds vLLM takes to load); then the engine and the datastore load; then health turns
 SERVING. SIGTERM/SIGINT turn health NOT_SERVING, stop admitting, give in-flight requests
 `grace_period_s` to finish, and exit 0. If the engine dies, health turns NOT_SERVING and the process
-exits non-zero so the orchestrator restarts it.
+exits non-zero so the orchestrator restarts it. SIGHUP reloads the datastore (server/hot_swap.py).
+
+Security (README "Security"): TLS or mutual TLS on the gRPC port (server/tls.py), bearer tokens
+(server/auth.py) and a per-client bound on concurrent calls (server/client_limits.py), all checked
+before any port opens, so a bad certificate or token file stops startup with a message.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from protos.retroserve.v1 import retroserve_pb2, retroserve_pb2_grpc
+from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc, retroserve_pb2, retroserve_pb2_grpc
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = retroserve_pb2.DESCRIPTOR.services_by_name["Retroserve"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ENGINE_DEAD_EXIT_CODE = 3
 
 
@@ -39,7 +44,10 @@ class RunningServer:
     health: HealthServicer
     service: object | None = None
     engine: object | None = None
-    retrieval: object | None = None
+    datastores: object | None = None
+    """The server.hot_swap.DatastoreSlot serving (None without a datastore)."""
+    certificates: object | None = None
+    """The server.tls.ReloadingCertificates of a TLS port (None in plaintext)."""
     owns_engine: bool = True
     """False when the caller passed its own engine to `start` (it outlives this server)."""
     metrics: object | None = None
@@ -47,6 +55,17 @@ class RunningServer:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int = 0
     _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def retrieval(self):
+        """The retriever.api.ServingRetrieval new requests use now (None without a datastore)."""
+        return None if self.datastores is None else self.datastores.current
+
+    async def reload_datastore(self, path=None):
+        """Hot-swap the datastore (see server/hot_swap.py); raises DatastoreRejected if refused."""
+        if self.datastores is None:
+            raise RuntimeError("this server runs without a datastore; there is none to reload")
+        return await self.datastores.reload(path)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -73,8 +92,8 @@ class RunningServer:
         await self.server.stop(max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
-        if self.retrieval is not None:
-            await self.retrieval.close()
+        if self.datastores is not None:
+            await self.datastores.close()
         if self.engine is not None and self.owns_engine:
             self.engine.shutdown()
         if self.metrics_server is not None:
@@ -124,13 +143,34 @@ def start_engine(config: ServerConfig):
     return Engine.start(config.engine)
 
 
-def load_retrieval(config: ServerConfig, with_datastore: bool, metrics):
-    """Open the datastore (building the default one first if it is missing) behind its batcher."""
+def load_datastores(config: ServerConfig, with_datastore: bool, metrics):
+    """Open the datastore (building the default one first if it is missing) behind its batcher,
+    in the slot that hot swaps replace it in."""
     if not with_datastore:
         return None
     from retriever import api as retriever_api
+    from server.hot_swap import DatastoreSlot
 
-    return retriever_api.open_for_serving(config, metrics=metrics)
+    def open_datastore(path, encoder):
+        return retriever_api.open_datastore_for_serving(path, config, metrics=metrics, encoder=encoder)
+
+    return DatastoreSlot(retriever_api.open_for_serving(config, metrics=metrics), open_datastore, metrics)
+
+
+def interceptors_for(config: ServerConfig, metrics, tokens) -> list:
+    """Outermost first: errors and metrics, then authentication (`tokens`: a server.auth
+    .BearerTokens, or None for none), then the per-client bound (so a refused call is logged and
+    counted, and an unauthenticated one never reaches the bound)."""
+    from server.auth import BearerTokenInterceptor
+    from server.client_limits import ClientStreamLimiter
+    from server.errors import ErrorInterceptor
+
+    interceptors = [ErrorInterceptor(metrics)]
+    if tokens is not None:
+        interceptors.append(BearerTokenInterceptor(tokens))
+    if config.limits.max_streams_per_client:
+        interceptors.append(ClientStreamLimiter(config.limits.max_streams_per_client, tokens_checked=tokens is not None))
+    return interceptors
 
 
 async def start(config: ServerConfig, with_datastore: bool = True, registry=None, engine=None) -> RunningServer:
@@ -139,11 +179,16 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     `engine`: an already started server.engine.Engine to serve instead of loading one (tests run
     several servers on one engine); it is not shut down with this server."""
     from server import service as service_module
-    from server.errors import ErrorInterceptor
+    from server.admin import AdminService
+    from server.auth import BearerTokens
     from server.metrics import Metrics, start_metrics_server, stop_metrics_server
+    from server.tls import certificates_for
 
     if engine is None:
         check_model(config)
+    # Bad certificate or token files stop startup here, before anything listens.
+    certificates = certificates_for(config.security)
+    tokens = BearerTokens.from_config(config.security)
     metrics = Metrics(registry=registry)
     try:
         metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
@@ -152,7 +197,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
         raise OSError(f"cannot listen for metrics on {config.metrics_address} ({error.strerror}); "
                       "is another server running? choose another --metrics-address") from error
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
+        interceptors=interceptors_for(config, metrics, tokens),
         options=[
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
@@ -164,22 +209,29 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         server,
     )
     host, port = _split_address(config.address)
+    listen = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        if certificates is None:
+            bound = server.add_insecure_port(listen)
+        else:
+            bound = server.add_secure_port(listen, certificates.server_credentials())
     except RuntimeError as error:
         stop_metrics_server(metrics_http, metrics_thread)
         metrics.close()
         raise OSError(f"cannot listen for gRPC on {config.address} ({error}); is another server "
                       "running? choose another --address") from error
     running = RunningServer(server, bound, metrics_port, health, metrics=metrics,
-                            metrics_server=(metrics_http, metrics_thread))
+                            metrics_server=(metrics_http, metrics_thread), certificates=certificates)
     await running.set_serving(False)
     await server.start()
-    log.info("gRPC listening on %s:%d (NOT_SERVING while loading); metrics on :%d", host, bound, metrics_port)
+    transport = "plaintext" if certificates is None else ("mutual TLS" if certificates.mutual else "TLS")
+    log.info("gRPC listening on %s:%d (%s; NOT_SERVING while loading); metrics on :%d", host, bound, transport,
+             metrics_port)
 
     loop = asyncio.get_running_loop()
     try:
@@ -188,12 +240,13 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
         else:
             running.owns_engine = False
         running.engine = engine
-        running.retrieval = await loop.run_in_executor(None, load_retrieval, config, with_datastore, metrics)
+        running.datastores = await loop.run_in_executor(None, load_datastores, config, with_datastore, metrics)
     except BaseException:
         await running.shutdown(0)
         raise
-    service = service_module.RetroserveService(config, engine, running.retrieval, metrics)
+    service = service_module.RetroserveService(config, engine, running.datastores, metrics)
     retroserve_pb2_grpc.add_RetroserveServicer_to_server(service, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(running.datastores), server)
     running.service = service
     running._tasks.append(asyncio.create_task(_watch_engine(running, config)))
     await running.set_serving(True)
@@ -218,6 +271,7 @@ async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, running)  # (its default would end the process)
     waiter = asyncio.create_task(stop.wait())
     stopped = asyncio.create_task(running.stopped.wait())
     await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,14 +285,40 @@ async def serve_until_signal(config: ServerConfig, with_datastore: bool) -> int:
     return running.exit_code
 
 
+def _reload_on_signal(running: RunningServer) -> None:
+    """SIGHUP: reload the datastore serving now (a new version published at its path)."""
+    if running.datastores is None:
+        log.warning("SIGHUP ignored: this server runs without a datastore")
+        return
+    log.info("SIGHUP: reloading the datastore")
+    task = asyncio.get_running_loop().create_task(_reload_and_log(running))
+    running._tasks.append(task)
+
+
+async def _reload_and_log(running: RunningServer) -> None:
+    from server.errors import DatastoreRejected
+
+    try:
+        swap = await running.reload_datastore()
+    except DatastoreRejected as error:
+        log.error("SIGHUP reload refused: %s", error)
+    except Exception:
+        log.exception("SIGHUP reload failed; the previous datastore keeps serving")
+    else:
+        log.info("SIGHUP reload done: serving %s (%s)", swap.current.retrieval.datastore.path, swap.current.digest[:12])
+
+
 def startup_errors() -> tuple[type[BaseException], ...]:
     """Failures to start that are the operator's to fix (missing or damaged artefacts): the CLI
     prints their message, which names the fix, instead of a traceback."""
     from datastore_tools.errors import DatastoreToolError
     from retriever.datastore import DatastoreError
+    from server.auth import TokenFileError
     from server.model_prep import ModelPrepError
+    from server.tls import TlsSetupError
 
-    return (FileNotFoundError, DatastoreError, DatastoreToolError, ModelPrepError, OSError)
+    return (FileNotFoundError, DatastoreError, DatastoreToolError, ModelPrepError, OSError, TlsSetupError,
+            TokenFileError)
 
 
 def main(config: ServerConfig, with_datastore: bool = True) -> int:

@@ -14,6 +14,7 @@ import inspect
 import logging
 import sys
 import textwrap
+import types
 import typing
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) ->
     hints = typing.get_type_hints(cls)
     defaults = cls()
     for item in dataclasses.fields(cls):
-        kind = hints[item.name]
+        kind = _without_none(hints[item.name])
         if dataclasses.is_dataclass(kind):
             continue
         default = getattr(defaults, item.name)
@@ -59,6 +60,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) ->
         else:
             convert = Path if kind is Path else (kind if kind in (int, float, str) else str)
             group.add_argument(flag, dest=item.name, type=convert, default=None, help=help_text)
+
+
+def _without_none(kind):
+    """`Path | None` -> Path: an optional setting's flag takes the value's type (unset: None)."""
+    arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(arguments) == 1:
+        return arguments[0]
+    return kind
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **nested):
@@ -78,6 +87,7 @@ def server_config_from_args(args: argparse.Namespace) -> config_module.ServerCon
             engine=dataclass_from_args(config_module.EngineConfig, args),
             retrieval=dataclass_from_args(config_module.RetrievalDefaults, args),
             limits=dataclass_from_args(config_module.Limits, args),
+            security=dataclass_from_args(config_module.SecurityConfig, args),
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -119,6 +129,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, config_module.EngineConfig, "engine")
     add_dataclass_arguments(parser, config_module.RetrievalDefaults, "retrieval")
     add_dataclass_arguments(parser, config_module.Limits, "limits")
+    add_dataclass_arguments(parser, config_module.SecurityConfig, "security (README: Security)")
     parser.add_argument("--no-datastore", action="store_true",
                         help="serve without a datastore (retrieval mode none only)")
 

@@ -5,6 +5,12 @@
         for delta in client.generate_stream("Explain nonlocal", stride=16, return_provenance=True):
             print(delta.text, end="", flush=True)
 
+A server with TLS and bearer tokens (README "Security"):
+
+    RetroserveClient("server:50051", tls_root_cert="ca.pem", token=os.environ["RETROSERVE_TOKEN"])
+
+Add `tls_client_cert` and `tls_client_key` for a server that requires mutual TLS.
+
 Keyword options are the API's field names, flattened (see `build_generate_request`); values left
 out stay unset, so the server's defaults apply. Errors arrive as grpc.RpcError with the server's
 status code and a message naming the field and its bound.
@@ -16,12 +22,15 @@ use the generated `RetroserveStub` on a grpc.aio channel with the same request b
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from server.auth import AUTHORIZATION_METADATA_KEY
 from server.config import Limits
 from server.request_context import REQUEST_ID_METADATA_KEY
 
@@ -103,11 +112,29 @@ def build_retrieve_request(query: str, neighbours: int | None = None) -> pb.Retr
     return request
 
 
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    """PEM bytes as given, or read from a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(tls_root_cert=None, tls_client_cert=None, tls_client_key=None) -> grpc.ChannelCredentials:
+    """TLS credentials; each argument is PEM bytes or a file path. No root certificate: the
+    system's trusted CAs. Client certificate and key go together (mutual TLS)."""
+    if (tls_client_cert is None) != (tls_client_key is None):
+        raise ValueError("tls_client_cert and tls_client_key go together (mutual TLS needs both)")
+    return grpc.ssl_channel_credentials(_pem(tls_root_cert), _pem(tls_client_key), _pem(tls_client_cert))
+
+
 class RetroserveClient:
     """Blocking client; a context manager that closes its channel.
 
     `timeout` (seconds) is the default deadline of each call (None: no deadline); `request_id`
-    is sent as `x-request-id` metadata on every call unless a call passes its own.
+    is sent as `x-request-id` metadata on every call unless a call passes its own. `token` is sent
+    as `authorization: Bearer TOKEN` on every call. TLS is on when `tls` is true or any tls_*
+    argument is given (PEM bytes or file paths); `tls_server_name` overrides the name checked
+    against the server's certificate (e.g. connecting by IP to a certificate for a host name).
     """
 
     def __init__(
@@ -116,18 +143,31 @@ class RetroserveClient:
         timeout: float | None = None,
         request_id: str | None = None,
         max_message_bytes: int = Limits.max_message_bytes,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_root_cert: str | Path | bytes | None = None,
+        tls_client_cert: str | Path | bytes | None = None,
+        tls_client_key: str | Path | bytes | None = None,
+        tls_server_name: str | None = None,
     ):
         self.address = address
         self.timeout = timeout
         self.request_id = request_id
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.token = token
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls or any(value is not None for value in (tls_root_cert, tls_client_cert, tls_client_key)):
+            credentials = channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.RetroserveStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> "RetroserveClient":
@@ -141,8 +181,12 @@ class RetroserveClient:
 
     def _call_options(self, timeout: float | None, request_id: str | None) -> dict:
         request_id = request_id if request_id is not None else self.request_id
-        metadata = ((REQUEST_ID_METADATA_KEY, request_id),) if request_id else None
-        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": metadata}
+        metadata = []
+        if request_id:
+            metadata.append((REQUEST_ID_METADATA_KEY, request_id))
+        if self.token:
+            metadata.append((AUTHORIZATION_METADATA_KEY, f"Bearer {self.token}"))
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": tuple(metadata) or None}
 
     def generate(self, prompt: str, *, timeout: float | None = None, request_id: str | None = None,
                  **options) -> pb.GenerateResponse:
@@ -175,6 +219,12 @@ class RetroserveClient:
 
     def info(self, *, timeout: float | None = None) -> pb.InfoResponse:
         return self.stub.Info(pb.InfoRequest(), **self._call_options(timeout, None))
+
+    def reload_datastore(self, path: str | Path | None = None, *, timeout: float | None = None
+                         ) -> admin_pb2.ReloadDatastoreResponse:
+        """Hot-swap the server's datastore (admin.proto); None re-reads the one serving now."""
+        request = admin_pb2.ReloadDatastoreRequest(path=str(path) if path is not None else "")
+        return self.admin.ReloadDatastore(request, **self._call_options(timeout, None))
 
     def health(self, service: str = "", *, timeout: float | None = None, wait_for_ready: bool = False) -> str:
         """The standard gRPC health status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"...

@@ -103,6 +103,8 @@ class Limits:
     max_queue: int = 64
     """Requests admitted (running + waiting); more get RESOURCE_EXHAUSTED."""
     max_time_limit_s: float = 600.0
+    """Longest a generation may run (seconds): the bound of stopping.time_limit_ms and the time
+    limit of requests that set none, so no request holds the engine without end."""
     max_message_bytes: int = 4 * 1024 * 1024
     max_temperature: float = 100.0
     """Largest sampling temperature; beyond it sampling is uniform noise anyway."""
@@ -112,6 +114,10 @@ class Limits:
     """Longest Retrieve query (characters); queries are embedded whole, MiniLM reads 256 tokens."""
     max_tokenize_chars: int = 65_536
     """Longest Tokenize text (characters), so one request cannot hold the event loop for long."""
+    max_streams_per_client: int = 0
+    """Concurrent Retroserve calls one client may hold (0: no per-client bound, only max_queue); more
+    get RESOURCE_EXHAUSTED. A client is its bearer token when it sends one, else its TLS
+    certificate's common name, else its IP address (behind a proxy every client shares one)."""
 
     def __post_init__(self) -> None:
         if self.max_temperature <= 0:
@@ -126,6 +132,45 @@ class Limits:
             )
         if self.max_queue < 1:
             raise ValueError(f"{self.max_queue=} must be >= 1")
+        if self.max_streams_per_client < 0:
+            raise ValueError(f"{self.max_streams_per_client=} must be >= 0 (0: no per-client bound)")
+
+
+@dataclass
+class SecurityConfig:
+    """Transport security and authentication of the gRPC port (README "Security").
+
+    Files are checked when the server starts (a bad one stops it with a message naming the file)
+    and read again when they change, so certificates and tokens rotate without a restart."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain the server presents; with tls_key_file it turns TLS on."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificates; set it to require mutual TLS: clients must present a certificate one
+    of them signed."""
+    auth_token_file: Path | None = None
+    """Bearer tokens, one per line ('#' starts a comment); when it (or the RETROSERVE_AUTH_TOKENS
+    environment variable) gives any, every RPC but health checks needs `authorization: Bearer
+    TOKEN` metadata."""
+
+    def __post_init__(self) -> None:
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
+            value = getattr(self, name)
+            setattr(self, name, None if value in (None, "") else Path(value))
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"{self.tls_cert_file=} and {self.tls_key_file=} go together: TLS needs both"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"{self.tls_client_ca_file=} needs TLS: set tls_cert_file and tls_key_file too"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 @dataclass
@@ -135,12 +180,14 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     """gRPC listen address (host:port; port 0 picks a free one)."""
     metrics_address: str = "127.0.0.1:9400"
-    """Prometheus HTTP exposition address (host:port; port 0 picks a free one)."""
+    """Prometheus HTTP exposition address (host:port; port 0 picks a free one). Separate from the
+    gRPC address, so metrics can stay on an internal interface; it is plain HTTP without auth."""
     grace_period_s: float = 30.0
     """On SIGTERM: time in-flight requests get to finish before the server stops."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     retrieval: RetrievalDefaults = field(default_factory=RetrievalDefaults)
     limits: Limits = field(default_factory=Limits)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def as_dict(config: ServerConfig) -> dict:

@@ -61,6 +61,10 @@ class Overloaded(RetroserveError):
     log_level = logging.WARNING
 
 
+class ClientOverLimit(Overloaded):
+    """This client already holds `Limits.max_streams_per_client` calls; others may still be served."""
+
+
 class NotReady(RetroserveError):
     """Still loading, or draining for shutdown: another replica (or a later retry) can serve."""
 
@@ -92,6 +96,13 @@ class DatastoreUnavailable(RetroserveError):
     """The datastore is missing, inconsistent or of the wrong kind for the request."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DatastoreRejected(RetroserveError):
+    """A datastore offered for a hot swap failed verification; the previous one keeps serving."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    log_level = logging.WARNING
 
 
 _FOREIGN_PRECONDITION_ERRORS = (

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import grpc
 from google.protobuf import json_format
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
+from server.auth import CLIENT_TOKEN_ENV, client_token_from_environment
 from server.client import DEFAULT_ADDRESS, LAYOUTS, MODES, RetroserveClient
 
 EXIT_RPC_ERROR = 1
@@ -51,6 +53,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show the documents each retrieval brought in and the span they informed")
     parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
     parser.add_argument("--request-id", help="sent as x-request-id (appears in the server log)")
+    security = parser.add_argument_group("security (servers with TLS or bearer tokens)")
+    security.add_argument("--token", default=None,
+                          help=f"bearer token to send (default: ${CLIENT_TOKEN_ENV}; the variable keeps it out "
+                               "of the process list)")
+    security.add_argument("--tls", action="store_true",
+                          help="connect with TLS, trusting the system's CAs (implied by the --tls-* files)")
+    security.add_argument("--tls-ca-file", type=Path, help="PEM CA certificate(s) to trust for the server")
+    security.add_argument("--tls-cert-file", type=Path, help="PEM client certificate (mutual TLS)")
+    security.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
+    security.add_argument("--tls-server-name",
+                          help="name to check the server certificate against, when it differs from --address")
 
 
 def request_options(args: argparse.Namespace) -> dict:
@@ -72,11 +85,29 @@ def request_options(args: argparse.Namespace) -> dict:
     }
 
 
+def client_security(args: argparse.Namespace) -> dict:
+    """RetroserveClient keyword arguments for the token and TLS flags."""
+    return {
+        "token": getattr(args, "token", None) or client_token_from_environment(),
+        "tls": getattr(args, "tls", False),
+        "tls_root_cert": getattr(args, "tls_ca_file", None),
+        "tls_client_cert": getattr(args, "tls_cert_file", None),
+        "tls_client_key": getattr(args, "tls_key_file", None),
+        "tls_server_name": getattr(args, "tls_server_name", None),
+    }
+
+
 def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run one generation against a server; returns the process exit code."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    with RetroserveClient(args.address, timeout=args.timeout, request_id=args.request_id) as client:
+    try:
+        client = RetroserveClient(args.address, timeout=args.timeout, request_id=args.request_id,
+                                  **client_security(args))
+    except (OSError, ValueError) as error:
+        err.write(f"error: {error}\n")
+        return EXIT_RPC_ERROR
+    with client:
         try:
             if args.json:
                 response = client.generate(args.prompt, **request_options(args))
@@ -152,5 +183,8 @@ def _describe(error: grpc.RpcError, address: str) -> str:
     code = error.code()
     details = error.details() or ""
     if code is grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or not details):
-        return f"UNAVAILABLE: no server answered at {address}; is `retroserve serve` running? ({details})"
+        return (f"UNAVAILABLE: no server answered at {address}; is `retroserve serve` running? If it "
+                f"serves TLS, pass --tls-ca-file (or --tls). ({details})")
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return f"UNAUTHENTICATED: {details}; pass --token or set ${CLIENT_TOKEN_ENV}"
     return f"{code.name}: {details}"

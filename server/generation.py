@@ -100,11 +100,11 @@ class LoopSettings:
 
 
 class Generator:
-    """Runs generation requests against one engine and (optionally) one retrieval batcher."""
+    """Runs generation requests against one engine; each chunk-mode request brings the retrieval
+    batcher of the datastore it runs on (server/hot_swap.py pins one per request)."""
 
-    def __init__(self, engine: Engine, batcher=None, metrics=None):
+    def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
-        self.batcher = batcher
         self.metrics = metrics
         self.separator_ids = engine.tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
 
@@ -114,19 +114,21 @@ class Generator:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    async def retrieve(self, query_ids: Sequence[int], k: int) -> tuple[str, list[Any], float]:
+    async def retrieve(self, batcher, query_ids: Sequence[int], k: int) -> tuple[str, list[Any], float]:
         query_text = self.decode(query_ids)
         start = time.perf_counter()
-        neighbours = await self.batcher.retrieve(query_text, k)
+        neighbours = await batcher.retrieve(query_text, k)
         return query_text, list(neighbours), time.perf_counter() - start
 
-    async def generate(self, settings: LoopSettings, request_id: str) -> AsyncIterator[GenerationDelta]:
-        """Yield deltas; the last one carries `result`. Cancellation aborts the engine request."""
+    async def generate(self, settings: LoopSettings, request_id: str, batcher=None) -> AsyncIterator[GenerationDelta]:
+        """Yield deltas; the last one carries `result`. Cancellation aborts the engine request.
+
+        `batcher`: the retriever.batcher.RetrievalBatcher chunk mode retrieves through."""
         started = time.perf_counter()
         deadline = started + settings.time_limit_s if settings.time_limit_s else None
         prompt_ids = self.tokenize(settings.prompt)
         use_retrieval = settings.retrieval_mode == "chunk"
-        if use_retrieval and self.batcher is None:
+        if use_retrieval and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")
         seed = settings.seed
         if seed is None and settings.temperature > 0:
@@ -153,7 +155,7 @@ class Generator:
             if use_retrieval:
                 history = prompt_ids + generated
                 query_ids = history[-settings.query_tokens :]
-                query_text, neighbours, seconds = await self.retrieve(query_ids, settings.neighbours)
+                query_text, neighbours, seconds = await self.retrieve(batcher, query_ids, settings.neighbours)
                 retrieval_s += seconds
                 start_char = len(self.decode(generated))
                 event = RetrievalEvent(

@@ -33,6 +33,8 @@ COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 RETRIEVAL_PHASES = ("embed", "search", "payload")
 CACHE_KINDS = ("exact", "approximate")
+SWAP_OUTCOMES = ("ok", "refused", "error")
+"""Datastore hot swaps: swapped; refused (failed verification, old one kept); error (unexpected)."""
 
 
 class Metrics:
@@ -58,6 +60,11 @@ class Metrics:
       cache_hits               Counter   retroserve_retrieval_cache_hits_total{kind}
                                          (kind = exact | approximate)
       cache_misses             Counter   retroserve_retrieval_cache_misses_total
+    Datastore hot swap (server/hot_swap.py):
+      datastore_swaps          Counter   retroserve_datastore_swaps_total{outcome}
+                                         (outcome = ok | refused | error)
+      retired_datastores_open  Gauge     retroserve_retired_datastores_open  (swapped out, still
+                                         held by requests in flight)
     Prefix cache (hit rate = cached / engine prompt tokens):
       engine_prompt_tokens     Counter   retroserve_engine_prompt_tokens_total  (re-prefills included)
       prefix_cache_cached_tokens Counter retroserve_prefix_cache_cached_tokens_total
@@ -118,12 +125,20 @@ class Metrics:
         self.prefix_cache_cached_tokens = Counter(
             name("prefix_cache_cached_tokens"),
             "Of the engine prompt tokens, those served from vLLM's prefix cache.", **common)
+        self.datastore_swaps = Counter(
+            name("datastore_swaps"),
+            "Datastore hot swaps (Admin.ReloadDatastore, SIGHUP) by outcome.", ["outcome"], **common)
+        self.retired_datastores_open = Gauge(
+            name("retired_datastores_open"),
+            "Swapped-out datastores still open for requests in flight.", **common)
         # Series with a fixed label set exist from the start, so rate() works before the first event.
         self._collectors = [value for value in vars(self).values() if isinstance(value, MetricWrapperBase)]
         for phase in RETRIEVAL_PHASES:
             self.retrieval_phase_latency.labels(phase=phase)
         for kind in CACHE_KINDS:
             self.cache_hits.labels(kind=kind)
+        for outcome in SWAP_OUTCOMES:
+            self.datastore_swaps.labels(outcome=outcome)
 
     def close(self) -> None:
         """Unregister from the registry, so a later server in the same process can register."""

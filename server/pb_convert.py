@@ -53,3 +53,32 @@ def neighbour_to_pb(neighbour) -> pb.Neighbour:
 def stop_reason_to_pb(reason: str | None) -> int:
     """server.generation.StopReason value ("MAX_TOKENS", ...) -> StopReason enum number."""
     return pb.StopReason.Value(f"STOP_REASON_{reason}") if reason else pb.STOP_REASON_UNSPECIFIED
+
+
+def datastore_info_to_pb(version) -> pb.DatastoreInfo:
+    """A server.hot_swap.DatastoreVersion (the manifest summary of the datastore serving), or
+    `loaded=False` for None."""
+    if version is None:
+        return pb.DatastoreInfo(loaded=False)
+    datastore = version.retrieval.datastore
+    manifest = datastore.manifest
+    dims = manifest.get("dims") or {}
+    embedder = manifest.get("embedder") or {}
+    return pb.DatastoreInfo(
+        loaded=True,
+        name=manifest.get("name", ""),
+        path=str(datastore.path),
+        mode=manifest.get("mode", "chunk"),
+        tokenizer_fingerprint=(manifest.get("tokenizer") or {}).get("fingerprint", ""),
+        document_count=(manifest.get("counts") or {}).get("documents", 0),
+        entry_count=datastore.ntotal,
+        index_factory=(manifest.get("index") or {}).get("factory", ""),
+        embedding_dim=dims.get("embedding", 0),
+        index_dim=dims.get("index", 0),
+        pca_dim=(manifest.get("pca") or {}).get("dim", 0),
+        embedder=embedder.get("name", "") if isinstance(embedder, dict) else str(embedder),
+        chunk_tokens=manifest.get("chunk_tokens", 0),
+        created_at=manifest.get("created_at", ""),
+        manifest_digest=version.digest,
+        serving_since=version.serving_since,
+    )

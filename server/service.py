@@ -130,45 +130,21 @@ def _model_info(config: ServerConfig, engine) -> pb.ModelInfo:
     )
 
 
-def _datastore_info(retrieval) -> pb.DatastoreInfo:
-    if retrieval is None:
-        return pb.DatastoreInfo(loaded=False)
-    datastore = retrieval.datastore
-    manifest = datastore.manifest
-    dims = manifest.get("dims") or {}
-    embedder = manifest.get("embedder") or {}
-    return pb.DatastoreInfo(
-        loaded=True,
-        name=manifest.get("name", ""),
-        path=str(datastore.path),
-        mode=manifest.get("mode", "chunk"),
-        tokenizer_fingerprint=(manifest.get("tokenizer") or {}).get("fingerprint", ""),
-        document_count=(manifest.get("counts") or {}).get("documents", 0),
-        entry_count=datastore.ntotal,
-        index_factory=(manifest.get("index") or {}).get("factory", ""),
-        embedding_dim=dims.get("embedding", 0),
-        index_dim=dims.get("index", 0),
-        pca_dim=(manifest.get("pca") or {}).get("dim", 0),
-        embedder=embedder.get("name", "") if isinstance(embedder, dict) else str(embedder),
-        chunk_tokens=manifest.get("chunk_tokens", 0),
-        created_at=manifest.get("created_at", ""),
-    )
-
-
 class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
-    """Serves one engine and (optionally) one chunk datastore (a retriever.api.ServingRetrieval)."""
+    """Serves one engine and (optionally) a chunk datastore, held in a server.hot_swap.DatastoreSlot
+    so it can be swapped while serving."""
 
-    def __init__(self, config: ServerConfig, engine, retrieval=None, metrics=None):
+    def __init__(self, config: ServerConfig, engine, datastores=None, metrics=None):
         self.config = config
         self.engine = engine
-        self.retrieval = retrieval
+        self.datastores = datastores
         self.metrics = metrics
-        self.generator = Generator(engine, retrieval.batcher if retrieval else None, metrics)
+        self.generator = Generator(engine, metrics)
         self.validation = ValidationContext(
             limits=config.limits,
             retrieval=config.retrieval,
             count_tokens=lambda text: len(self.generator.tokenize(text)),
-            has_chunk_datastore=retrieval is not None,
+            has_chunk_datastore=datastores is not None,
         )
         self.admission = Admission(config.limits.max_queue, metrics)
         self.model_info = _model_info(config, engine)
@@ -198,24 +174,33 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         self._check_ready()
         mode = validated.retrieval_mode
         with self.admission.admit() as ticket:
-            settings = LoopSettings(**validated.loop_settings_kwargs())
-            last_token_at = None
-            async for delta in self.generator.generate(settings, request_id):
-                if delta.token_ids:
-                    now = time.perf_counter()
-                    if last_token_at is None:
-                        ticket.mark_started()
-                    elif self.metrics is not None:
-                        self.metrics.observe_token_gap(now - last_token_at, len(delta.token_ids), mode)
-                    last_token_at = now
-                if self.metrics is not None:
-                    for event in delta.retrievals:
-                        self.metrics.observe_retrieval(event.seconds)
-                    if delta.result is not None and delta.result.ttft_s is not None:
-                        self.metrics.observe_first_token(delta.result.ttft_s, mode)
-                if delta.result is not None and self.engine.errored:
-                    raise EngineDead("the inference engine stopped during this request")
-                yield delta
+            async with self._datastore_for(mode) as retrieval:
+                settings = LoopSettings(**validated.loop_settings_kwargs())
+                batcher = retrieval.batcher if retrieval is not None else None
+                last_token_at = None
+                async for delta in self.generator.generate(settings, request_id, batcher):
+                    if delta.token_ids:
+                        now = time.perf_counter()
+                        if last_token_at is None:
+                            ticket.mark_started()
+                        elif self.metrics is not None:
+                            self.metrics.observe_token_gap(now - last_token_at, len(delta.token_ids), mode)
+                        last_token_at = now
+                    if self.metrics is not None:
+                        for event in delta.retrievals:
+                            self.metrics.observe_retrieval(event.seconds)
+                        if delta.result is not None and delta.result.ttft_s is not None:
+                            self.metrics.observe_first_token(delta.result.ttft_s, mode)
+                    if delta.result is not None and self.engine.errored:
+                        raise EngineDead("the inference engine stopped during this request")
+                    yield delta
+
+    def _datastore_for(self, mode: str):
+        """A lease on the datastore serving now (the request keeps it across a hot swap), or
+        nothing for modes that read none."""
+        if mode == "chunk" and self.datastores is not None:
+            return self.datastores.lease()
+        return contextlib.nullcontext()
 
     def _request_id(self) -> str:
         return request_context.current_request_id() or request_context.new_request_id()
@@ -268,7 +253,8 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         self._check_ready()
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        results = await loop.run_in_executor(None, self.retrieval.search, [query.query], query.neighbours)
+        async with self.datastores.lease() as retrieval:
+            results = await loop.run_in_executor(None, retrieval.search, [query.query], query.neighbours)
         total = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.observe_retrieval(total)
@@ -294,7 +280,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
             model=self.model_info,
-            datastore=_datastore_info(self.retrieval),
+            datastore=pb_convert.datastore_info_to_pb(self.datastores.version if self.datastores else None),
             limits=pb_convert.limits_to_pb(self.config.limits),
             retrieval_defaults=pb_convert.retrieval_defaults_to_pb(
                 self.config.retrieval, self.validation.available_modes

@@ -82,7 +82,8 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     include_stop_sequence: bool = False
     time_limit_s: float | None = None
-    """None: no per-request limit (the gRPC deadline still applies)."""
+    """Wall-clock budget; requests that set none get Limits.max_time_limit_s (None only in tests
+    of the loop: no limit)."""
     retrieval_mode: str = "none"
     """"none" | "chunk" | "token"."""
     neighbours: int = 2
@@ -184,7 +185,7 @@ class GenerationRequest:
             seed=None if greedy else seed,
             stop_sequences=stop_sequences,
             include_stop_sequence=stopping.include_stop_sequence,
-            time_limit_s=stopping.time_limit_ms / 1000 if stopping.time_limit_ms else None,
+            time_limit_s=stopping.time_limit_ms / 1000 if stopping.time_limit_ms else limits.max_time_limit_s,
             retrieval_mode=mode,
             neighbours=neighbours,
             stride=stride,

@@ -10,7 +10,7 @@ SERVER_WAIT_S = 120
 class ServerThread:
     """An asyncio server in its own thread and event loop, as `retroserve serve` runs it."""
 
-    def __init__(self, config, engine=None, registry=None, loop=None):
+    def __init__(self, config, engine=None, registry=None, loop=None, with_datastore: bool = True):
         import asyncio
         import threading
 
@@ -22,7 +22,8 @@ class ServerThread:
             self.thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
             self.thread.start()
         self.loop = loop
-        self.running = self.call(app.start(config, engine=engine, registry=registry), timeout=600)
+        self.running = self.call(app.start(config, with_datastore=with_datastore, engine=engine, registry=registry),
+                                 timeout=600)
         self.address = f"127.0.0.1:{self.running.port}"
 
     def call(self, coroutine, timeout: float = SERVER_WAIT_S):
@@ -37,13 +38,22 @@ class ServerThread:
             self.thread.join(10)
 
 
-def server_config(model_dir: Path, datastore_dir: Path, **limits):
-    from server.config import EngineConfig, Limits, RetrievalDefaults, ServerConfig
+def server_config(model_dir: Path, datastore_dir: Path, security=None, **limits):
+    from server.config import EngineConfig, Limits, RetrievalDefaults, SecurityConfig, ServerConfig
 
     return ServerConfig(
         address="127.0.0.1:0",
         metrics_address="127.0.0.1:0",
         engine=EngineConfig(model_dir=model_dir, kv_cache_gib=1.0, max_num_seqs=8),
         retrieval=RetrievalDefaults(datastore_dir=datastore_dir, batch_window_ms=50.0),
-        limits=Limits(max_queue=4, max_prompt_tokens=1024, max_new_tokens=512, **limits),
+        limits=Limits(**{"max_queue": 4, "max_prompt_tokens": 1024, "max_new_tokens": 512, **limits}),
+        security=security or SecurityConfig(),
     )
+
+
+def second_server(session_server, config, with_datastore: bool = True) -> ServerThread:
+    """Another server on the session server's engine and event loop, with its own metrics."""
+    from prometheus_client import CollectorRegistry
+
+    return ServerThread(config, engine=session_server.running.engine, registry=CollectorRegistry(),
+                        loop=session_server.loop, with_datastore=with_datastore)

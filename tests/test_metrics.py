@@ -67,6 +67,8 @@ def test_names_follow_prometheus_conventions(endpoint):
         "retroserve_retrieval_cache_misses": "counter",
         "retroserve_engine_prompt_tokens": "counter",
         "retroserve_prefix_cache_cached_tokens": "counter",
+        "retroserve_datastore_swaps": "counter",
+        "retroserve_retired_datastores_open": "gauge",
     }
     names = {name.split("{")[0] for name in samples}
     for counter in ("retroserve_prompt_tokens_total", "retroserve_retrieval_cache_misses_total",
@@ -78,6 +80,8 @@ def test_names_follow_prometheus_conventions(endpoint):
     for phase in ("embed", "search", "payload"):
         assert samples[f"retroserve_retrieval_phase_duration_seconds_count{{phase={phase}}}"] == 0
     assert samples["retroserve_retrieval_cache_hits_total{kind=approximate}"] == 0
+    for outcome in ("ok", "refused", "error"):
+        assert samples[f"retroserve_datastore_swaps_total{{outcome={outcome}}}"] == 0
 
 
 def test_counters_move_with_observations(endpoint):

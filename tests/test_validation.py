@@ -140,7 +140,7 @@ def test_unset_fields_resolve_to_server_defaults():
         prompt_token_count=1,
         max_new_tokens=LIMITS.default_max_new_tokens,
         temperature=0.0, top_p=1.0, top_k=0, seed=None,
-        stop_sequences=(), include_stop_sequence=False, time_limit_s=None,
+        stop_sequences=(), include_stop_sequence=False, time_limit_s=LIMITS.max_time_limit_s,
         retrieval_mode=DEFAULTS.mode,
         neighbours=DEFAULTS.neighbours, stride=DEFAULTS.stride, query_tokens=DEFAULTS.query_tokens,
         layout=DEFAULTS.layout,

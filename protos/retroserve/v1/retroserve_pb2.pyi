@@ -293,7 +293,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class DatastoreInfo(_message.Message):
-    __slots__ = ("loaded", "name", "path", "mode", "tokenizer_fingerprint", "document_count", "entry_count", "index_factory", "embedding_dim", "index_dim", "pca_dim", "embedder", "chunk_tokens", "created_at")
+    __slots__ = ("loaded", "name", "path", "mode", "tokenizer_fingerprint", "document_count", "entry_count", "index_factory", "embedding_dim", "index_dim", "pca_dim", "embedder", "chunk_tokens", "created_at", "manifest_digest", "serving_since")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,8 @@ class DatastoreInfo(_message.Message):
     EMBEDDER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     name: str
     path: str
@@ -322,10 +324,12 @@ class DatastoreInfo(_message.Message):
     embedder: str
     chunk_tokens: int
     created_at: str
-    def __init__(self, loaded: _Optional[bool] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., document_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., index_factory: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_dim: _Optional[int] = ..., pca_dim: _Optional[int] = ..., embedder: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., created_at: _Optional[str] = ...) -> None: ...
+    manifest_digest: str
+    serving_since: str
+    def __init__(self, loaded: _Optional[bool] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., document_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., index_factory: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_dim: _Optional[int] = ..., pca_dim: _Optional[int] = ..., embedder: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., created_at: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., serving_since: _Optional[str] = ...) -> None: ...
 
 class LimitsInfo(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_queue", "max_time_limit_s", "max_message_bytes", "max_temperature", "max_top_k", "max_query_chars", "max_tokenize_chars")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_queue", "max_time_limit_s", "max_message_bytes", "max_temperature", "max_top_k", "max_query_chars", "max_tokenize_chars", "max_streams_per_client")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +342,7 @@ class LimitsInfo(_message.Message):
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENIZE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     default_max_new_tokens: int
@@ -350,7 +355,8 @@ class LimitsInfo(_message.Message):
     max_top_k: int
     max_query_chars: int
     max_tokenize_chars: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ...) -> None: ...
+    max_streams_per_client: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
     __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes")
