@@ -79,9 +79,10 @@ class RetrieverThread:
 
 
 class RetrieverProcess:
-    """`python -m server.cli retriever serve` as a child process on port 0 (tests kill it)."""
+    """`python -m server.cli retriever serve` as a child process on port 0 (tests kill it), with
+    `omp_threads` FAISS threads (one by default: several shards share this machine's cores)."""
 
-    def __init__(self, datastore_dir: Path, *extra: str):
+    def __init__(self, datastore_dir: Path, *extra: str, omp_threads: int = 1):
         import os
         import re
         import subprocess
@@ -91,7 +92,7 @@ class RetrieverProcess:
 
         repo = Path(__file__).resolve().parents[1]
         self.datastore_dir = Path(datastore_dir)
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+        env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads), PYTHONPATH=str(repo))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "retriever", "serve", "--datastore-dir", str(datastore_dir),
              "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *extra],

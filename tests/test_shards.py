@@ -252,3 +252,36 @@ def test_a_killed_or_hung_shard_gives_partial_results_within_the_deadline(small_
             enforce_shard_policy(got[0], "partial")
     finally:
         searcher.close()
+
+
+# -- retriever serve as a process -------------------------------------------------------------------
+
+def test_retriever_serve_has_health_and_reflection_and_exits_cleanly_on_sigterm(flat_shards):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    output, _ = flat_shards
+    process = RetrieverProcess(shard_dir(output, 2))
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "retroserve.v1.RetrieverService"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name for reply in replies for s in reply.list_services_response.service}
+            assert {"retroserve.v1.RetrieverService", "grpc.health.v1.Health"} <= names
+        assert process.terminate() == 0
+    finally:
+        process.kill()
+
+
+def test_retriever_serve_names_a_missing_datastore(tmp_path, capsys):
+    from server import cli
+
+    code = cli.main(["retriever", "serve", "--datastore-dir", str(tmp_path / "missing"),
+                     "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"])
+    assert code == 2
+    assert "does not exist; build one with `retroserve datastore build`" in capsys.readouterr().err
