@@ -252,7 +252,8 @@ def shard_datastore(source: str | Path, output: str | Path, count: int, force: b
     total = int(parent_index.ntotal)
     if total != parent_manifest["counts"]["chunks"]:
         raise DatastoreToolError(f"{source}: the index has {total} entries but the manifest counts "
-                                 f"{parent_manifest['counts']['chunks']} chunks; run `retroserve datastore verify {source}`")
+                                 f"{parent_manifest['counts']['chunks']} chunks; run "
+                                 f"`retroserve datastore verify {source}`")
     reader = PayloadReader(source / fmt.PAYLOADS_DIR)
     try:
         docs = [(doc_id, record["chunks"][0], record["chunks"][1]) for doc_id, record in reader.iter_docs()]

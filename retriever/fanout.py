@@ -269,7 +269,8 @@ def check_shard_set(described: Sequence[tuple[str, rpb.DescribeResponse]],
             raise ShardSetError(f"the shards disagree on the {what} ({listing}); serve shards of one "
                                 "`retroserve datastore shard` run")
     first_info = described[0][1]
-    if expected_tokenizer_fingerprint is not None and first_info.tokenizer_fingerprint != expected_tokenizer_fingerprint:
+    expected = expected_tokenizer_fingerprint
+    if expected is not None and first_info.tokenizer_fingerprint != expected:
         raise FingerprintMismatch(
             f"datastore shards {first_info.parent_name} were built with tokenizer {first_info.tokenizer_fingerprint} "
             f"but the served model's tokenizer is {expected_tokenizer_fingerprint}; rebuild the datastore with "

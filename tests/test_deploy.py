@@ -227,7 +227,8 @@ def test_retriever_statefulset_agrees_with_retriever_serve(sharded):
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port
-    assert container["readinessProbe"]["grpc"]["service"] == retriever_app.SERVICE_NAME == "retroserve.v1.RetrieverService"
+    readiness_service = container["readinessProbe"]["grpc"]["service"]
+    assert readiness_service == retriever_app.SERVICE_NAME == "retroserve.v1.RetrieverService"
     assert statefulset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > config.grace_period_s
 
     # The datastore it serves lies on the pod's own volume (a volumeClaimTemplate), mounted read-only.
@@ -239,9 +240,10 @@ def test_retriever_statefulset_agrees_with_retriever_serve(sharded):
     (init,) = init_containers(statefulset)
     init_env = {e["name"]: e for e in init["env"]}
     assert init_env["DATASTORE_DIR"]["value"] == str(config.datastore_dir)
-    assert init_env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
-    init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    assert init_mounts[mount["mountPath"]]["name"] == mount["name"] and not init_mounts[mount["mountPath"]].get("readOnly")
+    pod_index = init_env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert pod_index == "metadata.labels['apps.kubernetes.io/pod-index']"
+    init_mount = {m["mountPath"]: m for m in init["volumeMounts"]}[mount["mountPath"]]
+    assert init_mount["name"] == mount["name"] and not init_mount.get("readOnly")
     from datastore_tools.shard import SHARD_DIR
 
     assert '"$SHARD_SOURCE/' + SHARD_DIR.format(index="$SHARD_INDEX") + '"' in init["args"][0]

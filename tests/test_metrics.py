@@ -152,7 +152,8 @@ def test_retriever_metrics_follow_the_same_conventions():
 
     metrics.observe_timing(Timing())
     assert registry.get_sample_value("retroserve_retriever_requests_total", {"rpc": "Search", "code": "OK"}) == 1
-    assert registry.get_sample_value("retroserve_retriever_phase_duration_seconds_sum", {"phase": "search"}) == pytest.approx(0.002)
+    search = registry.get_sample_value("retroserve_retriever_phase_duration_seconds_sum", {"phase": "search"})
+    assert search == pytest.approx(0.002)
     assert registry.get_sample_value("retroserve_retriever_batch_queries_sum") == 32
     metrics.close()
     assert list(registry.collect()) == []

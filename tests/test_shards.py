@@ -19,7 +19,7 @@ from datastore_tools import cli as datastore_cli
 from datastore_tools.shard import shard_datastore, shard_dir
 from datastore_tools.verify import verify_datastore
 from loopback import RetrieverProcess, RetrieverThread
-from retriever.datastore import Datastore, read_manifest
+from retriever.datastore import Datastore, FingerprintMismatch, read_manifest
 from retriever.fanout import FanoutSearcher, ShardSetError, ShardsUnavailable, enforce_shard_policy
 
 SHARDS = 3
@@ -176,6 +176,9 @@ def test_shards_of_different_splits_are_refused(small_datastore, flat_shards, tm
             FanoutSearcher.connect([servers[0].address, servers[1].address, other.address], timeout_s=5)
         with pytest.raises(ShardSetError, match="shard 1 is served at"):
             FanoutSearcher.connect([servers[0].address, servers[1].address, servers[1].address], timeout_s=5)
+        with pytest.raises(FingerprintMismatch, match="the served model's tokenizer is tok-sha256:other"):
+            FanoutSearcher.connect([s.address for s in servers], timeout_s=5,
+                                   expected_tokenizer_fingerprint="tok-sha256:other")
         with pytest.raises(ShardSetError, match="did not answer Describe within 0.5 s"):
             FanoutSearcher.connect(["127.0.0.1:1", servers[1].address], timeout_s=5, connect_timeout_s=0.5)
     finally:
