@@ -20,6 +20,7 @@ COMMANDS = {
     "search": "query a datastore with text",
     "prune": "write a copy without duplicate / never-retrieved chunks",
     "reduce": "write a copy re-encoded to fewer dimensions with PCA",
+    "shard": "split into N shards that share one trained index (for `retroserve retriever serve`)",
 }
 
 
@@ -273,6 +274,34 @@ def run_reduce(args: argparse.Namespace) -> int:
     print(f"datastore: {args.output}")
     print(f"index: {manifest['index']['factory']}  dims {manifest['dims']['embedding']} -> "
           f"{manifest['dims']['index']}  variance kept {manifest['pca']['variance_kept']:.4f}")
+    return 0
+
+
+# ---- shard -------------------------------------------------------------------------------------
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path)
+    parser.add_argument("-n", "--shards", type=int, required=True,
+                        help="number of shards (cut at document boundaries: 1..number of documents)")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="directory to publish; shard i is OUTPUT/shard-i, a complete datastore")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+@handles_errors
+def run_shard(args: argparse.Namespace) -> int:
+    from datastore_tools.shard import shard_datastore, shard_dir
+
+    manifests = shard_datastore(args.datastore, args.output, args.shards, force=args.force)
+    print(f"shards: {args.output} ({len(manifests)} of {manifests[0]['shard']['parent']['name']}, "
+          f"index {manifests[0]['index']['factory']})")
+    for manifest in manifests:
+        shard = manifest["shard"]
+        first, end = shard["chunk_ids"]
+        print(f"  {shard_dir(args.output, shard['index'])}: chunks [{first}, {end}) ({end - first}), "
+              f"documents {manifest['counts']['documents']}")
+    print(f"serve each with `retroserve retriever serve --datastore-dir {shard_dir(args.output, 0)}` (and so on); "
+          f"then `retroserve serve --retriever-shards HOST:PORT,...` in shard order")
     return 0
 
 

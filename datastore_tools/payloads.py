@@ -25,21 +25,31 @@ def doc_record(source: str, title: str, first_id: int, count: int) -> dict:
 
 
 def write_payloads(datastore_dir: Path, chunks: Sequence[dict], docs: Sequence[dict]) -> Path:
-    """Create `payloads.lmdb/` in `datastore_dir` (which must not have one yet)."""
+    """Create `payloads.lmdb/` in `datastore_dir` (which must not have one yet); ids are list positions."""
+    return write_encoded_payloads(
+        datastore_dir,
+        [(i, dumps(record)) for i, record in enumerate(chunks)],
+        [(i, dumps(record)) for i, record in enumerate(docs)],
+    )
+
+
+def write_encoded_payloads(datastore_dir: Path, chunks: Sequence[tuple[int, bytes]],
+                           docs: Sequence[tuple[int, bytes]]) -> Path:
+    """Create `payloads.lmdb/` from (id, encoded record) pairs in ascending id order. Ids need not
+    be contiguous: a shard keeps its parent's global ids (datastore_tools/shard.py)."""
     path = Path(datastore_dir) / PAYLOADS_DIR
-    encoded_chunks = [dumps(record) for record in chunks]
-    encoded_docs = [dumps(record) for record in docs]
-    payload_bytes = sum(map(len, encoded_chunks)) + sum(map(len, encoded_docs))
+    payload_bytes = sum(len(raw) for _, raw in chunks) + sum(len(raw) for _, raw in docs)
     # LMDB needs a map size up front; on Linux the file only grows to the pages actually used.
-    map_size = 2 * payload_bytes + 64 * (len(encoded_chunks) + len(encoded_docs)) + (64 << 20)
+    map_size = 2 * payload_bytes + 64 * (len(chunks) + len(docs)) + (64 << 20)
     env = lmdb.open(str(path), map_size=map_size, max_dbs=2, subdir=True, lock=True, sync=True)
     try:
-        for name, records in ((CHUNKS_DB, encoded_chunks), (DOCS_DB, encoded_docs)):
+        for name, records in ((CHUNKS_DB, chunks), (DOCS_DB, docs)):
             db = env.open_db(name)
             for start in range(0, len(records), TXN_RECORDS):
                 with env.begin(write=True, db=db) as txn:
-                    for offset, raw in enumerate(records[start : start + TXN_RECORDS]):
-                        txn.put(encode_key(start + offset), raw, append=True)
+                    for key, raw in records[start : start + TXN_RECORDS]:
+                        if not txn.put(encode_key(key), raw, append=True):
+                            raise ValueError(f"payload ids must ascend without repeats (at id {key})")
         env.sync(True)
     finally:
         env.close()

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 def load_raw_embeddings(datastore: Datastore, encoder=None) -> tuple[np.ndarray, str]:
     """float32 [ntotal, 384] and where they came from ("stored", "reconstructed", "re-embedded")."""
+    from datastore_tools.derive import refuse_shard
+
+    refuse_shard(datastore)
     stored = datastore.path / fmt.EMBEDDINGS_FILE
     if stored.is_file():
         return np.load(stored).astype(np.float32), "stored"

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = ("protos/retroserve/v1/retroserve.proto", "protos/retroserve/v1/admin.proto")
+PROTO_FILES = ("protos/retroserve/v1/retroserve.proto", "protos/retroserve/v1/admin.proto",
+               "protos/retroserve/v1/retriever.proto")
 """Paths relative to the repository root; keep in step with the .proto files on disk."""
 
 

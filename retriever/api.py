@@ -4,7 +4,9 @@
 datastore first when the configured one is the default and does not exist yet (so a fresh machine
 serves with retrieval after one command), refuses a datastore built with another tokenizer, warms
 the query encoder so the first request does not pay for loading it, and wires metrics into the
-one search function every retrieval goes through.
+one search function every retrieval goes through. With `--retriever-shards` the datastore is a
+retriever.fanout.FanoutSearcher over the shard processes instead: same search interface, so the
+cache, batcher and metrics in front of it are the same.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ServingRetrieval:
     batcher that coalesces the generation loop's calls to it."""
 
     datastore: Datastore
+    """A local Datastore, or a retriever.fanout.FanoutSearcher over datastore shards."""
     search: Callable[[Sequence[str], int], BatchResults]
     batcher: RetrievalBatcher
 
@@ -82,8 +85,19 @@ def _cache_counts(cache: QueryCache) -> tuple[int, int, int]:
 def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetrieval:
     """Open the configured datastore for a server whose model is `config.engine.model_dir`."""
     model_dir = Path(config.engine.model_dir)
-    path = ensure_datastore(config.retrieval.datastore_dir, model_dir)
-    return open_datastore_for_serving(path, config, metrics, device)
+    expected = fingerprints.tokenizer_fingerprint(model_dir)
+    shards = config.shards
+    if not shards.addresses:
+        path = ensure_datastore(config.retrieval.datastore_dir, model_dir)
+        return open_datastore_for_serving(path, config, metrics, device)
+    from retriever.fanout import FanoutSearcher
+
+    datastore = FanoutSearcher.connect(
+        shards.addresses, timeout_s=shards.shard_timeout_ms / 1000.0,
+        connect_timeout_s=shards.shard_connect_timeout_s, expected_tokenizer_fingerprint=expected,
+        metrics=metrics,
+    )
+    return _behind_cache_and_batcher(datastore, config, metrics)
 
 
 def open_datastore_for_serving(path: Path, config, metrics=None, device: str = "auto",
@@ -97,6 +111,11 @@ def open_datastore_for_serving(path: Path, config, metrics=None, device: str = "
         path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device,
         encoder=encoder,
     )
+    return _behind_cache_and_batcher(datastore, config, metrics)
+
+
+def _behind_cache_and_batcher(datastore, config, metrics) -> ServingRetrieval:
+    """A local datastore or a shard fan-out, warmed up, behind the query cache and the batcher."""
     try:
         datastore.encode(["warm-up"])  # loads MiniLM now rather than in the first request
     except BaseException:

@@ -15,7 +15,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from retriever.datastore import Neighbour
+from retriever.datastore import Neighbour, head
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RetrievalBatcher:
                 await self._search_batch([item])
             return
         for item, row in zip(batch, rows):
-            _set(item.future, result=list(row)[: item.k])
+            _set(item.future, result=head(row, item.k))
 
     async def close(self) -> None:
         self._closed = True

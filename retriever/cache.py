@@ -17,7 +17,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from retriever.datastore import BatchResults, Datastore, Neighbour, Timing
+from retriever.datastore import BatchResults, Datastore, Neighbour, Timing, missing_shards
 
 
 @dataclass
@@ -100,7 +100,9 @@ class QueryCache:
 
 
 class CachedSearcher:
-    """`search_texts` with a QueryCache in front of a Datastore; misses go to ONE batched search."""
+    """`search_texts` with a QueryCache in front of a Datastore (or a retriever.fanout.FanoutSearcher,
+    which has the same search interface); misses go to ONE batched search. Partial rows (a shard
+    did not answer) are returned but never cached, so a recovered shard is asked again."""
 
     def __init__(self, datastore: Datastore, cache: QueryCache):
         self.datastore = datastore
@@ -133,6 +135,7 @@ class CachedSearcher:
                 for row, neighbours in zip(to_search, found):
                     i = missing[row]
                     results[i] = neighbours
-                    self.cache.put(keys[i], k, neighbours)
-                    self.cache.put_approximate(vectors[row], k, neighbours)
+                    if not missing_shards(neighbours):
+                        self.cache.put(keys[i], k, neighbours)
+                        self.cache.put_approximate(vectors[row], k, neighbours)
         return BatchResults(results, timing)

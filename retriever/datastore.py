@@ -63,6 +63,39 @@ class Timing:
         return self.embed + self.search + self.payload
 
 
+@dataclass(frozen=True)
+class MissingShard:
+    """A datastore shard whose neighbours are missing from a result (retriever/fanout.py)."""
+
+    index: int
+    address: str
+    reason: str
+    """"timeout" (past the per-shard deadline), "unavailable" (unreachable) or "error"."""
+
+
+class NeighbourRow(list):
+    """One query's neighbours, best first, from a sharded search: `missing_shards` lists the shards
+    that did not answer (the row is then partial) out of `shard_count` asked. Caches must not keep
+    partial rows; the request's shard policy decides whether one may be used (fanout.py)."""
+
+    def __init__(self, items=(), missing_shards: Sequence[MissingShard] = (), shard_count: int = 0):
+        super().__init__(items)
+        self.missing_shards = tuple(missing_shards)
+        self.shard_count = shard_count
+
+
+def head(row: Sequence[Neighbour], k: int) -> list[Neighbour]:
+    """The first k neighbours of a row, keeping a NeighbourRow's shard report."""
+    if isinstance(row, NeighbourRow):
+        return NeighbourRow(row[:k], row.missing_shards, row.shard_count)
+    return list(row)[:k]
+
+
+def missing_shards(row: Sequence[Neighbour]) -> tuple[MissingShard, ...]:
+    """Shards missing from a row (empty for a local datastore's plain list)."""
+    return getattr(row, "missing_shards", ())
+
+
 class BatchResults(list):
     """list[list[Neighbour]], one list per query, plus the `timing` of the call that made it."""
 

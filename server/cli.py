@@ -88,6 +88,7 @@ def server_config_from_args(args: argparse.Namespace) -> config_module.ServerCon
             retrieval=dataclass_from_args(config_module.RetrievalDefaults, args),
             limits=dataclass_from_args(config_module.Limits, args),
             security=dataclass_from_args(config_module.SecurityConfig, args),
+            shards=dataclass_from_args(config_module.ShardsConfig, args),
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -130,6 +131,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, config_module.RetrievalDefaults, "retrieval")
     add_dataclass_arguments(parser, config_module.Limits, "limits")
     add_dataclass_arguments(parser, config_module.SecurityConfig, "security (README: Security)")
+    add_dataclass_arguments(parser, config_module.ShardsConfig, "datastore shards")
     parser.add_argument("--no-datastore", action="store_true",
                         help="serve without a datastore (retrieval mode none only)")
 
@@ -149,6 +151,30 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+# ---- retriever serve -----------------------------------------------------------------------
+
+def add_retriever_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, config_module.RetrieverServerConfig, "retriever")
+
+
+def retriever_config_from_args(args: argparse.Namespace) -> config_module.RetrieverServerConfig:
+    try:
+        return dataclass_from_args(config_module.RetrieverServerConfig, args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def run_retriever_serve(args: argparse.Namespace) -> int:
+    from server import app, retriever_app
+
+    config = retriever_config_from_args(args)
+    try:
+        return retriever_app.main(config)
+    except app.startup_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 # ---- wiring ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrieval-augmented inference server: a small quantized LM on vLLM beside a FAISS datastore.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{model,datastore,serve,generate,eval}")
+    groups = parser.add_subparsers(dest="group", required=True,
+                                   metavar="{model,datastore,serve,retriever,generate,eval}")
 
     model = groups.add_parser("model", help="prepare the served model").add_subparsers(dest="command", required=True)
     prepare = model.add_parser("prepare", help="GGUF or HF model -> 4-bit GPTQ checkpoint in the cache")
@@ -176,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = groups.add_parser("serve", help="run the gRPC server (prepares the default model and datastore if missing)")
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
+
+    retriever = groups.add_parser("retriever", help="serve one datastore shard over gRPC (RetrieverService)")
+    retriever_commands = retriever.add_subparsers(dest="command", required=True)
+    retriever_serve = retriever_commands.add_parser(
+        "serve", help="serve a datastore (or one shard of `retroserve datastore shard`) to generation servers")
+    add_retriever_serve_arguments(retriever_serve)
+    retriever_serve.set_defaults(func=run_retriever_serve)
 
     from server import eval_cli, generate_cli
 

@@ -47,6 +47,11 @@ LAYOUTS = {
     "prepend": pb.CONTEXT_LAYOUT_PREPEND,
     "after_prompt": pb.CONTEXT_LAYOUT_AFTER_PROMPT,
 }
+SHARD_POLICIES = {
+    None: pb.SHARD_POLICY_UNSPECIFIED,
+    "partial": pb.SHARD_POLICY_PARTIAL,
+    "require_all": pb.SHARD_POLICY_REQUIRE_ALL,
+}
 
 
 def _enum(value, names: dict, what: str) -> int:
@@ -74,6 +79,7 @@ def build_generate_request(
     stride: int | None = None,
     query_tokens: int | None = None,
     layout: str | int | None = None,
+    shard_policy: str | int | None = None,
     return_provenance: bool = False,
     return_token_ids: bool = False,
     return_logprobs: bool = False,
@@ -81,7 +87,7 @@ def build_generate_request(
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
     `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "prepend" |
-    "after_prompt". Bounds are checked by the server, not here, so one place states them.
+    "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
     """
     request = pb.GenerateRequest(prompt=prompt)
     if request_id is not None:
@@ -96,6 +102,7 @@ def build_generate_request(
     request.stopping.include_stop_sequence = include_stop_sequence
     request.retrieval.mode = _enum(mode, MODES, "mode")
     request.retrieval.layout = _enum(layout, LAYOUTS, "layout")
+    request.retrieval.shard_policy = _enum(shard_policy, SHARD_POLICIES, "shard_policy")
     for name, value in (("neighbours", neighbours), ("stride", stride), ("query_tokens", query_tokens)):
         if value is not None:
             setattr(request.retrieval, name, value)
@@ -105,8 +112,9 @@ def build_generate_request(
     return request
 
 
-def build_retrieve_request(query: str, neighbours: int | None = None) -> pb.RetrieveRequest:
-    request = pb.RetrieveRequest(query=query)
+def build_retrieve_request(query: str, neighbours: int | None = None,
+                           shard_policy: str | int | None = None) -> pb.RetrieveRequest:
+    request = pb.RetrieveRequest(query=query, shard_policy=_enum(shard_policy, SHARD_POLICIES, "shard_policy"))
     if neighbours is not None:
         request.neighbours = neighbours
     return request
@@ -208,9 +216,10 @@ class RetroserveClient:
         finally:
             call.cancel()
 
-    def retrieve(self, query: str, neighbours: int | None = None, *, timeout: float | None = None,
-                 request_id: str | None = None) -> pb.RetrieveResponse:
-        return self.stub.Retrieve(build_retrieve_request(query, neighbours), **self._call_options(timeout, request_id))
+    def retrieve(self, query: str, neighbours: int | None = None, *, shard_policy: str | int | None = None,
+                 timeout: float | None = None, request_id: str | None = None) -> pb.RetrieveResponse:
+        request = build_retrieve_request(query, neighbours, shard_policy)
+        return self.stub.Retrieve(request, **self._call_options(timeout, request_id))
 
     def tokenize(self, text: str, return_tokens: bool = False, *, timeout: float | None = None,
                  request_id: str | None = None) -> pb.TokenizeResponse:

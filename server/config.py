@@ -16,6 +16,9 @@ RETRIEVAL_MODES = ("none", "chunk", "token")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
 CONTEXT_LAYOUTS = ("prepend", "after_prompt")
 """Context layouts of chunk mode; server/context.py LAYOUTS must list the same."""
+SHARD_POLICIES = ("partial", "require_all")
+"""What a retrieval does when a datastore shard is down or late, as the API's ShardPolicy enum
+names them (lower case, no prefix): use the other shards' neighbours, or fail with UNAVAILABLE."""
 
 @dataclass
 class EngineConfig:
@@ -76,9 +79,15 @@ class RetrievalDefaults:
     layout: str = "prepend"
     """Context layout for requests that leave it unspecified: one of CONTEXT_LAYOUTS
     (server/context.py explains both)."""
+    shard_policy: str = "partial"
+    """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
+    down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in
+    provenance; "require_all": UNAVAILABLE)."""
 
     def __post_init__(self) -> None:
         self.datastore_dir = Path(self.datastore_dir)
+        if self.shard_policy not in SHARD_POLICIES:
+            raise ValueError(f"{self.shard_policy=} must be one of {SHARD_POLICIES}")
         if self.mode not in RETRIEVAL_MODES:
             raise ValueError(f"{self.mode=} must be one of {RETRIEVAL_MODES}")
         if self.layout not in CONTEXT_LAYOUTS:
@@ -89,6 +98,35 @@ class RetrievalDefaults:
             raise ValueError(f"{self.stride=} must be in [{self.min_stride=}, {self.max_stride=}]")
         if not 1 <= self.query_tokens <= self.max_query_tokens:
             raise ValueError(f"{self.query_tokens=} must be in [1, {self.max_query_tokens=}]")
+
+
+@dataclass
+class ShardsConfig:
+    """A sharded datastore: the `retroserve retriever serve` processes the server fans out to."""
+
+    retriever_shards: str = ""
+    """Comma-separated host:port of the datastore's shards (`retroserve retriever serve`), any
+    order; when set, retrieval searches them instead of --datastore-dir."""
+    shard_timeout_ms: float = 1000.0
+    """Per-shard deadline of every batched search; a shard that misses it is reported missing."""
+    shard_connect_timeout_s: float = 60.0
+    """At start, how long to wait for every shard to answer Describe (shards may still be loading)."""
+
+    def __post_init__(self) -> None:
+        for address in self.addresses:
+            host, separator, port = address.rpartition(":")
+            if not host or not separator or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{self.retriever_shards=}: {address!r} must be host:port")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ValueError(f"{self.retriever_shards=} names an address twice")
+        if self.shard_timeout_ms <= 0:
+            raise ValueError(f"{self.shard_timeout_ms=} must be > 0")
+        if self.shard_connect_timeout_s < 0:
+            raise ValueError(f"{self.shard_connect_timeout_s=} must be >= 0")
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.retriever_shards.split(",") if part.strip())
 
 
 @dataclass
@@ -188,6 +226,42 @@ class ServerConfig:
     retrieval: RetrievalDefaults = field(default_factory=RetrievalDefaults)
     limits: Limits = field(default_factory=Limits)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+
+@dataclass
+class RetrieverServerConfig:
+    """Settings of `retroserve retriever serve`: one datastore shard (or a whole datastore, as
+    shard 0 of 1) behind the gRPC RetrieverService."""
+
+    datastore_dir: Path = field(default_factory=paths.default_datastore_dir)
+    """The datastore to serve, e.g. OUTPUT/shard-0 of `retroserve datastore shard`."""
+    address: str = "127.0.0.1:50061"
+    """gRPC listen address (host:port; port 0 picks a free one)."""
+    metrics_address: str = "127.0.0.1:9401"
+    """Prometheus HTTP exposition address (host:port; port 0 picks a free one)."""
+    device: str = "cpu"
+    """Where FAISS searches: cpu, cuda, or auto (a GPU when FAISS has GPU support and sees one)."""
+    search_threads: int = 2
+    """Searches run at once (each FAISS search also uses OpenMP threads)."""
+    max_queries: int = 1024
+    """Most queries in one Search."""
+    max_k: int = 1024
+    """Largest k of a Search."""
+    max_query_chars: int = 8192
+    """Longest query text (text queries are embedded here, whole)."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message either way (1024 queries x 16 neighbours with payloads fit)."""
+    grace_period_s: float = 10.0
+    """On SIGTERM: time in-flight searches get to finish."""
+
+    def __post_init__(self) -> None:
+        self.datastore_dir = Path(self.datastore_dir)
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"{self.device=} must be one of ('cpu', 'cuda', 'auto')")
+        for name in ("search_threads", "max_queries", "max_k", "max_query_chars", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def as_dict(config: ServerConfig) -> dict:

@@ -105,24 +105,27 @@ class DatastoreRejected(RetroserveError):
     log_level = logging.WARNING
 
 
-_FOREIGN_PRECONDITION_ERRORS = (
-    ("retriever.datastore", "DatastoreError"),
-    ("retriever.encoder", "EncoderError"),
+_FOREIGN_ERRORS = (
+    ("retriever.fanout", "ShardsUnavailable", grpc.StatusCode.UNAVAILABLE),
+    ("retriever.shard_service", "BadShardRequest", grpc.StatusCode.INVALID_ARGUMENT),
+    ("retriever.datastore", "DatastoreError", grpc.StatusCode.FAILED_PRECONDITION),
+    ("retriever.encoder", "EncoderError", grpc.StatusCode.FAILED_PRECONDITION),
 )
-"""Library errors that mean "the datastore side is not usable": FAILED_PRECONDITION. Looked up in
-sys.modules rather than imported, so this module does not pull in FAISS; an exception of such a
-class can only exist if its module was imported."""
+"""Library errors and their codes: datastore shards that did not answer (UNAVAILABLE: retry
+later), a bad request to a shard, and "the datastore side is not usable" (FAILED_PRECONDITION).
+Looked up in sys.modules rather than imported, so this module does not pull in FAISS; an exception
+of such a class can only exist if its module was imported. First match wins."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, client-safe message) for an exception raised while serving."""
     if isinstance(exc, RetroserveError):
         return exc.code, str(exc)
-    for module_name, class_name in _FOREIGN_PRECONDITION_ERRORS:
+    for module_name, class_name, code in _FOREIGN_ERRORS:
         module = sys.modules.get(module_name)
         error_class = getattr(module, class_name, None) if module is not None else None
         if error_class is not None and isinstance(exc, error_class):
-            return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            return code, str(exc)
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
     return grpc.StatusCode.INTERNAL, "internal error"

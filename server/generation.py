@@ -46,6 +46,8 @@ class RetrievalEvent:
     end_char: int = 0
     neighbours: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+    missing_shards: tuple[Any, ...] = ()
+    """Datastore shards that did not answer (retriever.datastore.MissingShard); partial policy only."""
 
 
 @dataclass
@@ -96,6 +98,7 @@ class LoopSettings:
     stride: int = 16
     query_tokens: int = 32
     layout: str = "prepend"
+    shard_policy: str = "partial"
     return_logprobs: bool = False
 
 
@@ -114,11 +117,19 @@ class Generator:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    async def retrieve(self, batcher, query_ids: Sequence[int], k: int) -> tuple[str, list[Any], float]:
+    async def retrieve(self, batcher, query_ids: Sequence[int], k: int, shard_policy: str = "partial"):
+        """(query text, neighbours, seconds, missing shards) from `batcher` (the datastore version
+        this request holds); raises retriever.fanout.ShardsUnavailable when datastore shards are
+        missing and `shard_policy` refuses partial neighbours."""
         query_text = self.decode(query_ids)
         start = time.perf_counter()
         neighbours = await batcher.retrieve(query_text, k)
-        return query_text, list(neighbours), time.perf_counter() - start
+        missing = ()
+        if getattr(neighbours, "missing_shards", ()):
+            from retriever.fanout import enforce_shard_policy
+
+            missing = enforce_shard_policy(neighbours, shard_policy)
+        return query_text, list(neighbours), time.perf_counter() - start, missing
 
     async def generate(self, settings: LoopSettings, request_id: str, batcher=None) -> AsyncIterator[GenerationDelta]:
         """Yield deltas; the last one carries `result`. Cancellation aborts the engine request.
@@ -155,12 +166,13 @@ class Generator:
             if use_retrieval:
                 history = prompt_ids + generated
                 query_ids = history[-settings.query_tokens :]
-                query_text, neighbours, seconds = await self.retrieve(batcher, query_ids, settings.neighbours)
+                query_text, neighbours, seconds, missing = await self.retrieve(
+                    batcher, query_ids, settings.neighbours, settings.shard_policy)
                 retrieval_s += seconds
                 start_char = len(self.decode(generated))
                 event = RetrievalEvent(
                     query_text, len(generated), len(generated), start_char, start_char,
-                    neighbours=neighbours, seconds=seconds,
+                    neighbours=neighbours, seconds=seconds, missing_shards=missing,
                 )
                 retrievals.append(event)
                 pending.append(event)

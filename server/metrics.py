@@ -35,6 +35,8 @@ RETRIEVAL_PHASES = ("embed", "search", "payload")
 CACHE_KINDS = ("exact", "approximate")
 SWAP_OUTCOMES = ("ok", "refused", "error")
 """Datastore hot swaps: swapped; refused (failed verification, old one kept); error (unexpected)."""
+SHARD_FAILURE_REASONS = ("timeout", "unavailable", "error")
+"""Why a datastore shard's results were missing (retriever.datastore.MissingShard.reason)."""
 
 
 class Metrics:
@@ -65,6 +67,12 @@ class Metrics:
                                          (outcome = ok | refused | error)
       retired_datastores_open  Gauge     retroserve_retired_datastores_open  (swapped out, still
                                          held by requests in flight)
+    Datastore shards (servers with --retriever-shards; shard = the shard's index, a bounded set):
+      shard_search_latency     Histogram retroserve_shard_search_duration_seconds{shard}
+                                         (one shard's answer to one batched search, as the server
+                                         waits for it: network and the shard's search and payloads)
+      shard_failures           Counter   retroserve_shard_failures_total{shard, reason}
+                                         (reason = timeout | unavailable | error)
     Prefix cache (hit rate = cached / engine prompt tokens):
       engine_prompt_tokens     Counter   retroserve_engine_prompt_tokens_total  (re-prefills included)
       prefix_cache_cached_tokens Counter retroserve_prefix_cache_cached_tokens_total
@@ -119,6 +127,13 @@ class Metrics:
             ["kind"], **common)
         self.cache_misses = Counter(
             name("retrieval_cache_misses"), "Retrieval queries that went to the index.", **common)
+        self.shard_search_latency = Histogram(
+            name("shard_search_duration_seconds"),
+            "One datastore shard's answer to one batched search, as the server waited for it.",
+            ["shard"], buckets=RETRIEVAL_BUCKETS, **common)
+        self.shard_failures = Counter(
+            name("shard_failures"), "Batched searches a datastore shard did not answer, by reason.",
+            ["shard", "reason"], **common)
         self.engine_prompt_tokens = Counter(
             name("engine_prompt_tokens"),
             "Prompt tokens handed to the engine, re-prompts after retrievals included.", **common)
@@ -204,6 +219,19 @@ class Metrics:
         """Convenience for a retriever.datastore.Timing (or anything with its four fields)."""
         self.observe_retrieval_phases(timing.embed, timing.search, timing.payload, timing.queries)
 
+    def init_shards(self, count: int) -> None:
+        """Create every shard's series at zero, so a shard that never fails still shows up."""
+        for shard in range(count):
+            self.shard_search_latency.labels(shard=str(shard))
+            for reason in SHARD_FAILURE_REASONS:
+                self.shard_failures.labels(shard=str(shard), reason=reason)
+
+    def observe_shard_search(self, shard: int, seconds: float) -> None:
+        self.shard_search_latency.labels(shard=str(shard)).observe(seconds)
+
+    def observe_shard_failure(self, shard: int, reason: str) -> None:
+        self.shard_failures.labels(shard=str(shard), reason=reason).inc()
+
     def observe_cache(self, hits: int = 0, misses: int = 0, approximate_hits: int = 0) -> None:
         """Query-cache outcomes since the last call (counts, not cumulative totals)."""
         if hits:
@@ -212,6 +240,51 @@ class Metrics:
             self.cache_hits.labels(kind="approximate").inc(approximate_hits)
         if misses:
             self.cache_misses.inc(misses)
+
+
+class RetrieverMetrics:
+    """Metrics of a `retroserve retriever serve` shard process (same conventions as Metrics):
+
+      requests           Counter   retroserve_retriever_requests_total{rpc, code}
+      request_latency    Histogram retroserve_retriever_request_duration_seconds{rpc}
+      phase_latency      Histogram retroserve_retriever_phase_duration_seconds{phase}
+                                   (phase = embed | search | payload, per Search)
+      batch_queries      Histogram retroserve_retriever_batch_queries   (queries per Search)
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = prometheus_client.REGISTRY if registry is None else registry
+        self.exposed_registry = self.registry
+        common = {"registry": self.registry}
+        self.requests = Counter(f"{PREFIX}_retriever_requests", "Retriever RPCs finished, by gRPC status code.",
+                                ["rpc", "code"], **common)
+        self.request_latency = Histogram(
+            f"{PREFIX}_retriever_request_duration_seconds", "Time to serve one retriever RPC.", ["rpc"],
+            buckets=RETRIEVAL_BUCKETS, **common)
+        self.phase_latency = Histogram(
+            f"{PREFIX}_retriever_phase_duration_seconds", "Seconds per phase of one Search.", ["phase"],
+            buckets=RETRIEVAL_BUCKETS, **common)
+        self.batch_queries = Histogram(
+            f"{PREFIX}_retriever_batch_queries", "Queries in one Search.", buckets=COUNT_BUCKETS, **common)
+        self._collectors = [self.requests, self.request_latency, self.phase_latency, self.batch_queries]
+        for phase in RETRIEVAL_PHASES:
+            self.phase_latency.labels(phase=phase)
+
+    def close(self) -> None:
+        for collector in self._collectors:
+            self.registry.unregister(collector)
+        self._collectors = []
+
+    def observe_rpc(self, rpc: str, mode: str, code: str, seconds: float) -> None:
+        """Called by server.errors.ErrorInterceptor (`mode` is unused here)."""
+        self.requests.labels(rpc=rpc, code=code).inc()
+        self.request_latency.labels(rpc=rpc).observe(seconds)
+
+    def observe_timing(self, timing) -> None:
+        """One Search's retriever.datastore.Timing."""
+        for phase in RETRIEVAL_PHASES:
+            self.phase_latency.labels(phase=phase).observe(getattr(timing, phase))
+        self.batch_queries.observe(timing.queries)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -11,7 +11,7 @@ import dataclasses
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
-from server.validation import LAYOUT_TO_PB, MODE_TO_PB
+from server.validation import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
 
 
 def limits_to_pb(limits: Limits) -> pb.LimitsInfo:
@@ -33,6 +33,7 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         max_query_tokens=defaults.max_query_tokens,
         layout=LAYOUT_TO_PB[defaults.layout],
         available_modes=[MODE_TO_PB[mode] for mode in available_modes],
+        shard_policy=SHARD_POLICY_TO_PB[defaults.shard_policy],
     )
 
 
@@ -48,6 +49,12 @@ def neighbour_to_pb(neighbour) -> pb.Neighbour:
         score=neighbour.score,
         continuation_id=getattr(neighbour, "continuation_id", -1),
     )
+
+
+def missing_shard_to_pb(missing) -> pb.MissingShard:
+    """A retriever.datastore.MissingShard as the API's MissingShard."""
+    return pb.MissingShard(shard_index=missing.index, address=missing.address,
+                           reason=pb.ShardFailure.Value(f"SHARD_FAILURE_{missing.reason.upper()}"))
 
 
 def stop_reason_to_pb(reason: str | None) -> int:
@@ -68,6 +75,7 @@ def datastore_info_to_pb(version) -> pb.DatastoreInfo:
         loaded=True,
         name=manifest.get("name", ""),
         path=str(datastore.path),
+        shard_addresses=getattr(datastore, "addresses", []),
         mode=manifest.get("mode", "chunk"),
         tokenizer_fingerprint=(manifest.get("tokenizer") or {}).get("fingerprint", ""),
         document_count=(manifest.get("counts") or {}).get("documents", 0),

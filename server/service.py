@@ -80,6 +80,7 @@ def retrieval_to_pb(event: RetrievalEvent, open_span: bool = False) -> pb.Retrie
         end_char=event.start_char if open_span else event.end_char,
         neighbours=[pb_convert.neighbour_to_pb(n) for n in event.neighbours],
         retrieval_ms=event.seconds * 1000.0,
+        missing_shards=[pb_convert.missing_shard_to_pb(m) for m in event.missing_shards],
     )
 
 
@@ -258,8 +259,14 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         total = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.observe_retrieval(total)
+        missing = ()
+        if getattr(results[0], "missing_shards", ()):
+            from retriever.fanout import enforce_shard_policy
+
+            missing = enforce_shard_policy(results[0], query.shard_policy)
         timing = results.timing
         return pb.RetrieveResponse(
+            missing_shards=[pb_convert.missing_shard_to_pb(m) for m in missing],
             neighbours=[pb_convert.neighbour_to_pb(n) for n in results[0][: query.neighbours]],
             timing=pb.RetrieveTiming(
                 embed_ms=timing.embed * 1000.0,

@@ -34,6 +34,11 @@ LAYOUT_FROM_PB = {
     pb.CONTEXT_LAYOUT_AFTER_PROMPT: "after_prompt",
 }
 LAYOUT_TO_PB = {name: number for number, name in LAYOUT_FROM_PB.items()}
+SHARD_POLICY_FROM_PB = {
+    pb.SHARD_POLICY_PARTIAL: "partial",
+    pb.SHARD_POLICY_REQUIRE_ALL: "require_all",
+}
+SHARD_POLICY_TO_PB = {name: number for number, name in SHARD_POLICY_FROM_PB.items()}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class GenerationRequest:
     stride: int = 16
     query_tokens: int = 32
     layout: str = "prepend"
+    shard_policy: str = "partial"
+    """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
     return_provenance: bool = False
     return_token_ids: bool = False
     return_logprobs: bool = False
@@ -97,7 +104,7 @@ class GenerationRequest:
     LOOP_FIELDS = (
         "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
-        "query_tokens", "layout", "return_logprobs",
+        "query_tokens", "layout", "shard_policy", "return_logprobs",
     )
 
     @property
@@ -157,6 +164,8 @@ class GenerationRequest:
         mode = _resolve_mode(retrieval.mode, context)
         layout = _resolve_enum("retrieval.layout", retrieval.layout, LAYOUT_FROM_PB, pb.ContextLayout,
                                context.retrieval.layout)
+        shard_policy = _resolve_enum("retrieval.shard_policy", retrieval.shard_policy, SHARD_POLICY_FROM_PB,
+                                     pb.ShardPolicy, context.retrieval.shard_policy)
         defaults = context.retrieval
         neighbours = _optional(retrieval, "neighbours", defaults.neighbours)
         _check_range("retrieval.neighbours", neighbours, 1, defaults.max_neighbours)
@@ -191,6 +200,7 @@ class GenerationRequest:
             stride=stride,
             query_tokens=query_tokens,
             layout=layout,
+            shard_policy=shard_policy,
             return_provenance=retrieval.return_provenance,
             return_token_ids=request.response.return_token_ids,
             return_logprobs=request.response.return_logprobs,
@@ -203,6 +213,7 @@ class RetrieveQuery:
 
     query: str
     neighbours: int
+    shard_policy: str = "partial"
 
     @classmethod
     def from_pb(cls, request: pb.RetrieveRequest, context: ValidationContext) -> "RetrieveQuery":
@@ -216,7 +227,9 @@ class RetrieveQuery:
             )
         neighbours = _optional(request, "neighbours", context.retrieval.neighbours)
         _check_range("neighbours", neighbours, 1, context.retrieval.max_neighbours)
-        return cls(request.query, neighbours)
+        shard_policy = _resolve_enum("shard_policy", request.shard_policy, SHARD_POLICY_FROM_PB, pb.ShardPolicy,
+                                     context.retrieval.shard_policy)
+        return cls(request.query, neighbours, shard_policy)
 
 
 @dataclass(frozen=True)

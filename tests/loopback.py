@@ -57,3 +57,83 @@ def second_server(session_server, config, with_datastore: bool = True) -> Server
 
     return ServerThread(config, engine=session_server.running.engine, registry=CollectorRegistry(),
                         loop=session_server.loop, with_datastore=with_datastore)
+
+
+class RetrieverThread:
+    """`retroserve retriever serve` in this process: its own event loop thread, port 0."""
+
+    def __init__(self, datastore_dir: Path, registry=None, **settings):
+        import asyncio
+        import threading
+
+        from prometheus_client import CollectorRegistry
+
+        from server import retriever_app
+        from server.config import RetrieverServerConfig
+
+        config = RetrieverServerConfig(datastore_dir=datastore_dir, address="127.0.0.1:0",
+                                       metrics_address="127.0.0.1:0", **settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="retriever-loop", daemon=True)
+        self.thread.start()
+        start = retriever_app.start(config, registry=registry or CollectorRegistry())
+        self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(SERVER_WAIT_S)
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.running.shutdown(grace_s), self.loop).result(SERVER_WAIT_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class RetrieverProcess:
+    """`python -m server.cli retriever serve` as a child process on port 0 (tests kill it), with
+    `omp_threads` FAISS threads (one by default: several shards share this machine's cores)."""
+
+    def __init__(self, datastore_dir: Path, *extra: str, omp_threads: int = 1):
+        import os
+        import re
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        repo = Path(__file__).resolve().parents[1]
+        self.datastore_dir = Path(datastore_dir)
+        env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads), PYTHONPATH=str(repo))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "retriever", "serve", "--datastore-dir", str(datastore_dir),
+             "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *extra],
+            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        found = threading.Event()
+        self.port = None
+
+        def read():
+            for line in self.process.stderr:
+                self.lines.append(line)
+                match = re.search(r"SERVING shard \d+ of \d+ .* on [^ ]+:(\d+); metrics on :(\d+)", line)
+                if match and self.port is None:
+                    self.port, self.metrics_port = int(match.group(1)), int(match.group(2))
+                    found.set()
+
+        threading.Thread(target=read, name="retriever-stderr", daemon=True).start()
+        deadline = time.monotonic() + SERVER_WAIT_S
+        while not found.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("retriever serve did not start:\n" + "".join(self.lines[-20:]))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout)

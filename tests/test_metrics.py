@@ -65,6 +65,8 @@ def test_names_follow_prometheus_conventions(endpoint):
         "retroserve_retrievals_per_request": "histogram",
         "retroserve_retrieval_cache_hits": "counter",
         "retroserve_retrieval_cache_misses": "counter",
+        "retroserve_shard_search_duration_seconds": "histogram",
+        "retroserve_shard_failures": "counter",
         "retroserve_engine_prompt_tokens": "counter",
         "retroserve_prefix_cache_cached_tokens": "counter",
         "retroserve_datastore_swaps": "counter",
@@ -125,6 +127,40 @@ def test_counters_move_with_observations(endpoint):
     assert after["retroserve_retrieval_cache_misses_total{}"] == 5
     assert after["retroserve_requests_running{}"] == 2
     assert after["retroserve_requests_waiting{}"] == 3
+
+
+def test_shard_series_exist_per_shard_and_reason_and_move(endpoint):
+    metrics, url = endpoint
+    metrics.init_shards(2)
+    before = scrape(url)
+    for shard in ("0", "1"):
+        assert before[f"retroserve_shard_search_duration_seconds_count{{shard={shard}}}"] == 0
+        for reason in ("timeout", "unavailable", "error"):
+            assert before[f"retroserve_shard_failures_total{{reason={reason},shard={shard}}}"] == 0
+    metrics.observe_shard_search(1, 0.003)
+    metrics.observe_shard_failure(0, "timeout")
+    after = scrape(url)
+    assert after["retroserve_shard_search_duration_seconds_sum{shard=1}"] == pytest.approx(0.003)
+    assert after["retroserve_shard_failures_total{reason=timeout,shard=0}"] == 1
+
+
+def test_retriever_metrics_follow_the_same_conventions():
+    from server.metrics import RetrieverMetrics
+
+    registry = CollectorRegistry()
+    metrics = RetrieverMetrics(registry=registry)
+    metrics.observe_rpc("Search", "none", "OK", 0.01)
+
+    class Timing:
+        embed, search, payload, queries = 0.0, 0.002, 0.001, 32
+
+    metrics.observe_timing(Timing())
+    assert registry.get_sample_value("retroserve_retriever_requests_total", {"rpc": "Search", "code": "OK"}) == 1
+    search = registry.get_sample_value("retroserve_retriever_phase_duration_seconds_sum", {"phase": "search"})
+    assert search == pytest.approx(0.002)
+    assert registry.get_sample_value("retroserve_retriever_batch_queries_sum") == 32
+    metrics.close()
+    assert list(registry.collect()) == []
 
 
 def test_observe_timing_accepts_the_retrievers_timing():

@@ -20,6 +20,19 @@ class ContextLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTEXT_LAYOUT_PREPEND: _ClassVar[ContextLayout]
     CONTEXT_LAYOUT_AFTER_PROMPT: _ClassVar[ContextLayout]
 
+class ShardPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_POLICY_UNSPECIFIED: _ClassVar[ShardPolicy]
+    SHARD_POLICY_PARTIAL: _ClassVar[ShardPolicy]
+    SHARD_POLICY_REQUIRE_ALL: _ClassVar[ShardPolicy]
+
+class ShardFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_FAILURE_UNSPECIFIED: _ClassVar[ShardFailure]
+    SHARD_FAILURE_TIMEOUT: _ClassVar[ShardFailure]
+    SHARD_FAILURE_UNAVAILABLE: _ClassVar[ShardFailure]
+    SHARD_FAILURE_ERROR: _ClassVar[ShardFailure]
+
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
@@ -36,6 +49,13 @@ RETRIEVAL_MODE_TOKEN: RetrievalMode
 CONTEXT_LAYOUT_UNSPECIFIED: ContextLayout
 CONTEXT_LAYOUT_PREPEND: ContextLayout
 CONTEXT_LAYOUT_AFTER_PROMPT: ContextLayout
+SHARD_POLICY_UNSPECIFIED: ShardPolicy
+SHARD_POLICY_PARTIAL: ShardPolicy
+SHARD_POLICY_REQUIRE_ALL: ShardPolicy
+SHARD_FAILURE_UNSPECIFIED: ShardFailure
+SHARD_FAILURE_TIMEOUT: ShardFailure
+SHARD_FAILURE_UNAVAILABLE: ShardFailure
+SHARD_FAILURE_ERROR: ShardFailure
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_MAX_TOKENS: StopReason
 STOP_REASON_EOS_TOKEN: StopReason
@@ -85,20 +105,32 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., time_limit_ms: _Optional[int] = ..., include_stop_sequence: _Optional[bool] = ...) -> None: ...
 
 class RetrievalParameters(_message.Message):
-    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout")
+    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POLICY_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     stride: int
     query_tokens: int
     return_provenance: bool
     layout: ContextLayout
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ...) -> None: ...
+    shard_policy: ShardPolicy
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ...) -> None: ...
+
+class MissingShard(_message.Message):
+    __slots__ = ("shard_index", "address", "reason")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    address: str
+    reason: ShardFailure
+    def __init__(self, shard_index: _Optional[int] = ..., address: _Optional[str] = ..., reason: _Optional[_Union[ShardFailure, str]] = ...) -> None: ...
 
 class ResponseOptions(_message.Message):
     __slots__ = ("return_token_ids", "return_logprobs")
@@ -129,7 +161,7 @@ class Neighbour(_message.Message):
     def __init__(self, chunk_id: _Optional[int] = ..., doc_id: _Optional[int] = ..., source: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., continuation_text: _Optional[str] = ..., score: _Optional[float] = ..., continuation_id: _Optional[int] = ...) -> None: ...
 
 class Retrieval(_message.Message):
-    __slots__ = ("query_text", "start_token", "end_token", "start_char", "end_char", "neighbours", "retrieval_ms")
+    __slots__ = ("query_text", "start_token", "end_token", "start_char", "end_char", "neighbours", "retrieval_ms", "missing_shards")
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     END_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +169,7 @@ class Retrieval(_message.Message):
     END_CHAR_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     query_text: str
     start_token: int
     end_token: int
@@ -144,7 +177,8 @@ class Retrieval(_message.Message):
     end_char: int
     neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
     retrieval_ms: float
-    def __init__(self, query_text: _Optional[str] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ...) -> None: ...
+    missing_shards: _containers.RepeatedCompositeFieldContainer[MissingShard]
+    def __init__(self, query_text: _Optional[str] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ..., missing_shards: _Optional[_Iterable[_Union[MissingShard, _Mapping]]] = ...) -> None: ...
 
 class GenerationTiming(_message.Message):
     __slots__ = ("ttft_ms", "total_ms", "retrieval_ms", "retrievals")
@@ -223,12 +257,14 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., retrievals: _Optional[_Iterable[_Union[Retrieval, _Mapping]]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., stop_sequence: _Optional[str] = ..., generated_token_count: _Optional[int] = ..., prompt_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., timing: _Optional[_Union[GenerationTiming, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "neighbours")
+    __slots__ = ("query", "neighbours", "shard_policy")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POLICY_FIELD_NUMBER: _ClassVar[int]
     query: str
     neighbours: int
-    def __init__(self, query: _Optional[str] = ..., neighbours: _Optional[int] = ...) -> None: ...
+    shard_policy: ShardPolicy
+    def __init__(self, query: _Optional[str] = ..., neighbours: _Optional[int] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ...) -> None: ...
 
 class RetrieveTiming(_message.Message):
     __slots__ = ("embed_ms", "search_ms", "payload_ms", "total_ms")
@@ -243,12 +279,14 @@ class RetrieveTiming(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., payload_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("neighbours", "timing")
+    __slots__ = ("neighbours", "timing", "missing_shards")
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
     timing: RetrieveTiming
-    def __init__(self, neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timing: _Optional[_Union[RetrieveTiming, _Mapping]] = ...) -> None: ...
+    missing_shards: _containers.RepeatedCompositeFieldContainer[MissingShard]
+    def __init__(self, neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., timing: _Optional[_Union[RetrieveTiming, _Mapping]] = ..., missing_shards: _Optional[_Iterable[_Union[MissingShard, _Mapping]]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "return_tokens")
@@ -293,7 +331,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class DatastoreInfo(_message.Message):
-    __slots__ = ("loaded", "name", "path", "mode", "tokenizer_fingerprint", "document_count", "entry_count", "index_factory", "embedding_dim", "index_dim", "pca_dim", "embedder", "chunk_tokens", "created_at", "manifest_digest", "serving_since")
+    __slots__ = ("loaded", "name", "path", "mode", "tokenizer_fingerprint", "document_count", "entry_count", "index_factory", "embedding_dim", "index_dim", "pca_dim", "embedder", "chunk_tokens", "created_at", "shard_addresses", "manifest_digest", "serving_since")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +346,7 @@ class DatastoreInfo(_message.Message):
     EMBEDDER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
@@ -324,9 +363,10 @@ class DatastoreInfo(_message.Message):
     embedder: str
     chunk_tokens: int
     created_at: str
+    shard_addresses: _containers.RepeatedScalarFieldContainer[str]
     manifest_digest: str
     serving_since: str
-    def __init__(self, loaded: _Optional[bool] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., document_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., index_factory: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_dim: _Optional[int] = ..., pca_dim: _Optional[int] = ..., embedder: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., created_at: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., serving_since: _Optional[str] = ...) -> None: ...
+    def __init__(self, loaded: _Optional[bool] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., document_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., index_factory: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., index_dim: _Optional[int] = ..., pca_dim: _Optional[int] = ..., embedder: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., created_at: _Optional[str] = ..., shard_addresses: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ..., serving_since: _Optional[str] = ...) -> None: ...
 
 class LimitsInfo(_message.Message):
     __slots__ = ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_chars", "max_queue", "max_time_limit_s", "max_message_bytes", "max_temperature", "max_top_k", "max_query_chars", "max_tokenize_chars", "max_streams_per_client")
@@ -359,7 +399,7 @@ class LimitsInfo(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
-    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes")
+    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +410,7 @@ class RetrievalDefaultsInfo(_message.Message):
     MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MODES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POLICY_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     max_neighbours: int
@@ -380,7 +421,8 @@ class RetrievalDefaultsInfo(_message.Message):
     max_query_tokens: int
     layout: ContextLayout
     available_modes: _containers.RepeatedScalarFieldContainer[RetrievalMode]
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ...) -> None: ...
+    shard_policy: ShardPolicy
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version")
