@@ -33,6 +33,10 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         max_query_tokens=defaults.max_query_tokens,
         layout=LAYOUT_TO_PB[defaults.layout],
         available_modes=[MODE_TO_PB[mode] for mode in available_modes],
+        knn_lambda=defaults.knn_lambda,
+        knn_k=defaults.knn_k,
+        max_knn_k=defaults.max_knn_k,
+        knn_temperature=defaults.knn_temperature,
     )
 
 
