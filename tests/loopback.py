@@ -10,7 +10,7 @@ SERVER_WAIT_S = 120
 class ServerThread:
     """An asyncio server in its own thread and event loop, as `retroserve serve` runs it."""
 
-    def __init__(self, config, engine=None, registry=None, loop=None):
+    def __init__(self, config, engine=None, registry=None, loop=None, with_datastore: bool = True):
         import asyncio
         import threading
 
@@ -22,7 +22,7 @@ class ServerThread:
             self.thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
             self.thread.start()
         self.loop = loop
-        self.running = self.call(app.start(config, engine=engine, registry=registry), timeout=600)
+        self.running = self.call(app.start(config, with_datastore=with_datastore, engine=engine, registry=registry), timeout=600)
         self.address = f"127.0.0.1:{self.running.port}"
 
     def call(self, coroutine, timeout: float = SERVER_WAIT_S):
