@@ -78,6 +78,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--force", action="store_true", help="replace an existing datastore")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    token = parser.add_argument_group("token mode (kNN-LM; datastore_tools/token_build.py)")
+    token.add_argument("--mode", choices=("chunk", "token"), default="chunk",
+                       help="chunk: RETRO-style chunks embedded with MiniLM (default); token: the served "
+                            "model's hidden state at every position -> next token (kNN-LM)")
+    token.add_argument("--window", type=int, default=1024, help="token mode: most tokens per forward pass")
+    token.add_argument("--stride", type=int, default=512,
+                       help="token mode: window advance in long documents (keys keep >= window-stride context)")
 
 
 @handles_errors
@@ -93,6 +100,8 @@ def run_build(args: argparse.Namespace) -> int:
         raise DatastoreToolError(
             f"no model at {model_dir}: run `retroserve model prepare` first or pass --model DIR"
         )
+    if args.mode == "token":
+        return _run_token_build(args, model_dir)
     config = BuildConfig(
         output=args.output or paths.default_datastore_dir(), model_dir=model_dir, inputs=list(args.inputs),
         default_corpus=args.default_corpus, chunk_tokens=args.chunk_tokens, index=args.index, pca=args.pca,
@@ -116,6 +125,30 @@ def run_build(args: argparse.Namespace) -> int:
     rate = embedded / seconds["embed"] if seconds["embed"] > 0 else float("nan")
     print("seconds: " + "  ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
           + f"  (embed {rate:.1f} chunks/s, {manifest['build']['resumed_chunks']} resumed)")
+    return 0
+
+
+def _run_token_build(args: argparse.Namespace, model_dir: Path) -> int:
+    from datastore_tools.errors import DatastoreToolError
+    from datastore_tools.token_build import TokenBuildConfig, build_token_datastore
+
+    if args.output is None:
+        raise DatastoreToolError("--mode token needs -o/--output (there is no default token datastore)")
+    config = TokenBuildConfig(
+        output=args.output, model_dir=model_dir, inputs=list(args.inputs), default_corpus=args.default_corpus,
+        index=args.index, pca=args.pca, nprobe=args.nprobe, seed=args.seed, window=args.window,
+        stride=args.stride, jsonl_field=args.jsonl_field, on_undecodable=args.on_undecodable,
+        force=args.force, name=args.name, progress=args.progress,
+    )
+    manifest = build_token_datastore(config).manifest
+    seconds = manifest["build"]["seconds"]
+    print(f"datastore: {args.output}  (mode token)")
+    print(f"documents: {manifest['counts']['documents']}  entries: {manifest['counts']['entries']}  "
+          f"index: {manifest['index']['factory']} ({manifest['index']['metric']})  dims "
+          f"{manifest['dims']['embedding']} -> {manifest['dims']['index']}")
+    rate = manifest["build"]["computed_positions"] / seconds["keys"] if seconds["keys"] > 0 else float("nan")
+    print("seconds: " + "  ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
+          + f"  (keys {rate:.0f} positions/s, {manifest['build']['resumed_positions']} resumed)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Choose, validate, train and fill the FAISS index of a datastore.
 
-All indexes use the inner-product metric on L2-normalised embeddings (cosine). PCA, when asked for,
+Chunk datastores use the inner-product metric on L2-normalised embeddings (cosine); token datastores
+use squared L2 between hidden states (`metric="l2"`). PCA, when asked for,
 becomes the first element of the chain (`IndexPreTransform(PCAMatrix, index)`), so the server always
 queries with raw 384-d embeddings. The PCAMatrix is trained as usual (centred covariance) but its
 bias (the `-A @ mean` offset) is then zeroed: with the offset, inner products after the transform
@@ -48,9 +49,16 @@ def choose_factory(n: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
-def _parse(factory: str, dim: int) -> faiss.Index:
+METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+"""Chunk datastores search cosines (inner product of normalised embeddings); token datastores
+search squared L2 distances between hidden states, as kNN-LM does."""
+
+
+def _parse(factory: str, dim: int, metric: str = "inner_product") -> faiss.Index:
+    if metric not in METRICS:
+        raise DatastoreToolError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, factory, METRICS[metric])
     except RuntimeError as error:
         reason = str(error).strip().rsplit(": ", 1)[-1] if str(error).strip() else "unparsable"
         raise DatastoreToolError(
@@ -88,7 +96,7 @@ def default_search_params(index: faiss.Index) -> dict:
     return {}
 
 
-def validate(factory: str, dim: int, n: int, pca_dim: int | None) -> None:
+def validate(factory: str, dim: int, n: int, pca_dim: int | None, metric: str = "inner_product") -> None:
     """Fail before any slow work on a factory, PCA size or training-set size that cannot work."""
     if pca_dim is not None:
         if not 1 <= pca_dim < dim:
@@ -102,7 +110,7 @@ def validate(factory: str, dim: int, n: int, pca_dim: int | None) -> None:
                 f"chunks; use a smaller --pca or none"
             )
     index_dim = pca_dim or dim
-    index = _parse(factory, index_dim)
+    index = _parse(factory, index_dim, metric)
     ivf = _ivf(index)
     if ivf is not None and n < ivf.nlist:
         fit = 2 ** max(0, int(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
@@ -147,6 +155,7 @@ def build_index(
     pca_dim: int | None = None,
     seed: int = 1234,
     search_params: dict | None = None,
+    metric: str = "inner_product",
 ) -> tuple[faiss.Index, dict]:
     """Train and fill an index over `vectors` (float32 [n, d]); ids are row numbers.
 
@@ -155,9 +164,9 @@ def build_index(
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    validate(factory, dim, n, pca_dim)
+    validate(factory, dim, n, pca_dim, metric)
     index_dim = pca_dim or dim
-    inner = _parse(factory, index_dim)
+    inner = _parse(factory, index_dim, metric)
     _seed(inner, seed)
     pca_info = None
     started = time.perf_counter()
@@ -193,7 +202,7 @@ def build_index(
     params = dict(default_search_params(inner))
     params.update({key: value for key, value in (search_params or {}).items() if value is not None})
     info = {
-        "index": {"factory": factory, "metric": "inner_product", "search_params": params},
+        "index": {"factory": factory, "metric": metric, "search_params": params},
         "pca": pca_info,
         "dims": {"embedding": dim, "index": index_dim},
         "seconds": {"train": train_seconds, "add": add_seconds},

@@ -291,6 +291,11 @@ class Datastore:
         """
         path = Path(path)
         manifest = read_manifest(path)
+        if manifest.get("mode", "chunk") != "chunk":
+            raise DatastoreError(
+                f"{path} is a {manifest.get('mode')}-mode datastore; chunk retrieval needs a chunk datastore "
+                f"(serve a token datastore with --token-datastore, see retriever/token_datastore.py)"
+            )
         if expected_tokenizer_fingerprint is not None:
             built_with = (manifest.get("tokenizer") or {}).get("fingerprint")
             if built_with != expected_tokenizer_fingerprint:

@@ -83,6 +83,9 @@ def build_generate_request(
     return_provenance: bool = False,
     return_token_ids: bool = False,
     return_logprobs: bool = False,
+    knn_lambda: float | None = None,
+    knn_k: int | None = None,
+    knn_temperature: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
@@ -103,7 +106,8 @@ def build_generate_request(
     request.retrieval.mode = _enum(mode, MODES, "mode")
     request.retrieval.layout = _enum(layout, LAYOUTS, "layout")
     request.retrieval.shard_policy = _enum(shard_policy, SHARD_POLICIES, "shard_policy")
-    for name, value in (("neighbours", neighbours), ("stride", stride), ("query_tokens", query_tokens)):
+    for name, value in (("neighbours", neighbours), ("stride", stride), ("query_tokens", query_tokens),
+                        ("knn_lambda", knn_lambda), ("knn_k", knn_k), ("knn_temperature", knn_temperature)):
         if value is not None:
             setattr(request.retrieval, name, value)
     request.retrieval.return_provenance = return_provenance

@@ -42,9 +42,14 @@ class EngineConfig:
     """Activation dtype: "auto" picks float32 on a CPU without AVX-512 (no bf16 matrix
     instructions there: 3x faster measured) and bfloat16 elsewhere; or name one."""
     seed: int = 0
+    token_datastore: Path | None = None
+    """Token (kNN-LM) datastore to serve mode "token" from (`retroserve datastore build --mode
+    token`); the engine then runs the kNN model class (server/knn_model.py). None: no token mode."""
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        if self.token_datastore is not None:
+            self.token_datastore = Path(self.token_datastore)
         if self.max_model_len < 128:
             raise ValueError(f"{self.max_model_len=} must be >= 128")
         if not 1 <= self.max_num_seqs <= 1024:
@@ -83,6 +88,13 @@ class RetrievalDefaults:
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in
     provenance; "require_all": UNAVAILABLE)."""
+    knn_lambda: float = 0.25
+    """Token mode: weight λ of the datastore's distribution in λ·p_kNN + (1-λ)·p_LM (kNN-LM's 0.25)."""
+    knn_k: int = 16
+    """Token mode: neighbours retrieved at every step."""
+    max_knn_k: int = 256
+    knn_temperature: float = 10.0
+    """Token mode: softmax temperature over negative squared L2 distances between hidden states."""
 
     def __post_init__(self) -> None:
         self.datastore_dir = Path(self.datastore_dir)
@@ -98,6 +110,12 @@ class RetrievalDefaults:
             raise ValueError(f"{self.stride=} must be in [{self.min_stride=}, {self.max_stride=}]")
         if not 1 <= self.query_tokens <= self.max_query_tokens:
             raise ValueError(f"{self.query_tokens=} must be in [1, {self.max_query_tokens=}]")
+        if not 0.0 <= self.knn_lambda <= 1.0:
+            raise ValueError(f"{self.knn_lambda=} must be in [0, 1]")
+        if not 1 <= self.knn_k <= self.max_knn_k:
+            raise ValueError(f"{self.knn_k=} must be in [1, {self.max_knn_k=}]")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"{self.knn_temperature=} must be > 0")
 
 
 @dataclass

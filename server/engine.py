@@ -9,6 +9,7 @@ prefix caching, eager mode) that FACTS.md found fast on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from server import checkpoint
 from server.config import EngineConfig
+from server.knn_settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACKER, KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class SegmentSampling:
     seed: int | None = None
     logprobs: bool = False
     prompt_logprobs: bool = False
+    knn: KnnRequestSettings | None = None
+    """Token mode (kNN-LM) settings; needs an engine started with a token datastore."""
 
 
 @dataclass
@@ -58,8 +62,11 @@ class Engine:
     """One vLLM AsyncLLM plus the tokenizer of the served model."""
 
     def __init__(self, llm, tokenizer, config: EngineConfig, served_dir: Path, served_what: str,
-                 device: str = "cpu", dtype: str | None = None):
+                 device: str = "cpu", dtype: str | None = None, token_datastore=None):
         self._llm = llm
+        self.token_datastore = token_datastore
+        """retriever.token_datastore.TokenDatastore the engine's kNN model class searches (its
+        manifest serves Info), or None when token mode is off."""
         self.device = device
         self.dtype = dtype or config.dtype
         """Activation dtype the engine runs with ("auto" resolved by Engine.start)."""
@@ -79,6 +86,9 @@ class Engine:
         device = device or detect_device()
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
         dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
+        token_datastore, hf_overrides = None, None
+        if config.token_datastore is not None:
+            token_datastore, hf_overrides = open_token_datastore(config)
         args = AsyncEngineArgs(
             model=str(served_dir),
             tokenizer=str(served_dir),
@@ -93,11 +103,20 @@ class Engine:
             # node's memory is free (which fails on a shared machine even when 2 GiB would do).
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             disable_log_stats=False,
+            hf_overrides=hf_overrides,
+            # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
+            # are token-mode requests (server/knn_model.py); V2 (CUDA) uses the model's ModelState.
+            logits_processors=[KNN_BATCH_TRACKER] if token_datastore is not None and device == "cpu" else None,
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(served_dir)
-        log.info("engine ready: %s (%s, %s) on %s", config.model_dir, served_what, dtype, device)
-        return cls(llm, tokenizer, config, served_dir, served_what, device, dtype)
+        log.info("engine ready: %s (%s, %s) on %s%s", config.model_dir, served_what, dtype, device,
+                 f", token datastore {config.token_datastore}" if token_datastore else "")
+        return cls(llm, tokenizer, config, served_dir, served_what, device, dtype, token_datastore)
+
+    @property
+    def has_token_datastore(self) -> bool:
+        return self.token_datastore is not None
 
     @property
     def errored(self) -> bool:
@@ -129,7 +148,10 @@ class Engine:
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
             detokenize=False,
+            extra_args=None if sampling.knn is None else sampling.knn.to_extra_args(),
         )
+        if sampling.knn is not None and not self.has_token_datastore:
+            raise RuntimeError("token mode requested but the engine was started without a token datastore")
         finished = False
         try:
             async for output in self._llm.generate(
@@ -171,6 +193,29 @@ class Engine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+
+
+def open_token_datastore(config: EngineConfig):
+    """(TokenDatastore, hf_overrides) for an engine serving `config.token_datastore`.
+
+    Opened here first, in the server process, so a datastore of another model is refused before
+    vLLM starts (with the rebuild command); the engine process opens it again for searching.
+    """
+    from retriever import fingerprints
+    from retriever.token_datastore import TokenDatastore
+    from server import knn_plugin
+
+    model_dir = Path(config.model_dir)
+    model_fp = fingerprints.model_fingerprint(model_dir)
+    datastore = TokenDatastore.open(
+        config.token_datastore,
+        expected_model_fingerprint=model_fp,
+        expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir),
+    )
+    knn_plugin.ensure_registered_via_entry_point()
+    settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp}
+    overrides = {"architectures": [KNN_ARCHITECTURE], HF_CONFIG_KEY: json.dumps(settings)}
+    return datastore, overrides
 
 
 def engine_summary(engine: Engine) -> dict:

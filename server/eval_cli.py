@@ -73,10 +73,11 @@ def heldout_documents(files: list[str], max_docs: int | None):
 # -- engine + datastore --------------------------------------------------------------------------
 
 
-def _engine_config(model_dir: Path, max_model_len: int):
+def _engine_config(model_dir: Path, max_model_len: int, token_datastore: Path | None = None):
     from server.config import EngineConfig
 
-    return EngineConfig(model_dir=model_dir, max_model_len=max_model_len, kv_cache_gib=2.0, max_num_seqs=32)
+    return EngineConfig(model_dir=model_dir, max_model_len=max_model_len, kv_cache_gib=2.0, max_num_seqs=32,
+                        token_datastore=token_datastore)
 
 
 def open_retrieval(datastore_dir: Path, model_dir: Path):
@@ -96,6 +97,9 @@ def settings_grid(args) -> list:
     grid = [EvalSettings(mode="none")]
     for k, stride, query, layout in itertools.product(args.k, args.stride, args.query_tokens, args.layout):
         grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout))
+    if getattr(args, "token_datastore", None):
+        for lam, k, temperature in itertools.product(args.knn_lambda, args.knn_k, args.knn_temperature):
+            grid.append(EvalSettings(mode="token", knn_lambda=lam, knn_k=k, knn_temperature=temperature))
     return grid
 
 
@@ -113,6 +117,8 @@ async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) 
         rows = []
         for settings in grid:
             if settings.mode == "chunk" and retrieve is None:
+                continue
+            if settings.mode == "token" and not engine.has_token_datastore:
                 continue
             result = await evaluator.evaluate(documents, settings)
             row = result.to_dict()
@@ -136,14 +142,16 @@ async def score_model_alone(model_dir: Path, documents, args) -> list[dict]:
                               lambda engine: score_grid(engine, documents, [EvalSettings(mode="none")], None, args))
 
 
-async def _with_engine(model_dir: Path, args, engine, work):
-    """Run `work(engine)` with the given engine, or with one loaded for `model_dir` and stopped after."""
+async def _with_engine(model_dir: Path, args, engine, work, token_datastore: Path | None = None):
+    """Run `work(engine)` with the given engine, or with one loaded for `model_dir` (serving
+    `token_datastore` for token mode) and stopped after."""
     if engine is not None:
         return await work(engine)
     from server.engine import Engine
 
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, Engine.start, _engine_config(model_dir, args.max_model_len))
+    engine = await loop.run_in_executor(None, Engine.start,
+                                        _engine_config(model_dir, args.max_model_len, token_datastore))
     try:
         return await work(engine)
     finally:
@@ -274,7 +282,8 @@ async def run_async(args, engine=None) -> dict:
     model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
     datastore_dir = Path(args.datastore) if args.datastore else None
     rows = await _with_engine(model_dir, args, engine,
-                              lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args))
+                              lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args),
+                              token_datastore=args.token_datastore)
     for reference in args.reference_model:
         rows += await score_model_alone(Path(reference), documents, args)
     payload = {"command": "run", "documents": [d.source for d in documents], "rows": rows,
@@ -396,6 +405,11 @@ def add_eval_commands(groups) -> None:
     run.add_argument("--split", type=Path, default=None)
     run.add_argument("--heldout", type=Path, nargs="+", default=None)
     run.add_argument("--datastore", type=Path, default=None, help="omit to score the model alone")
+    run.add_argument("--token-datastore", type=Path, default=None,
+                     help="token (kNN-LM) datastore: also score token mode (grid over --knn-*)")
+    run.add_argument("--knn-lambda", type=float, nargs="+", default=[0.25], help="token mode λ (grid)")
+    run.add_argument("--knn-k", type=int, nargs="+", default=[16], help="token mode neighbours (grid)")
+    run.add_argument("--knn-temperature", type=float, nargs="+", default=[10.0], help="token mode T (grid)")
     _add_scoring_arguments(run)
     run.set_defaults(func=_handles_errors(run_run))
 

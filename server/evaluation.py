@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from server import context
 from server.engine import Engine, SegmentSampling
 from server.generation import SEPARATOR_TEXT
+from server.knn_settings import KnnRequestSettings
 
 LN2 = math.log(2.0)
 OVERLAP_NGRAM = 13
@@ -50,15 +51,26 @@ class EvalDocument:
 @dataclass(frozen=True)
 class EvalSettings:
     mode: str = "chunk"
-    """"none" (model alone) or "chunk"."""
+    """"none" (model alone), "chunk" or "token" (kNN-LM: the engine mixes in its token datastore
+    at every scored position; the document is scored in one request, as in mode none)."""
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
     layout: str = "prepend"
+    knn_lambda: float = 0.25
+    knn_k: int = 16
+    knn_temperature: float = 10.0
+
+    def knn(self) -> KnnRequestSettings | None:
+        if self.mode != "token":
+            return None
+        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature)
 
     def label(self) -> str:
         if self.mode == "none":
             return "model alone"
+        if self.mode == "token":
+            return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}"
         layout = "" if self.layout == "prepend" else f" {self.layout}"
         return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}"
 
@@ -154,9 +166,10 @@ class Evaluator:
         text = document.text[: self.max_doc_chars]
         return text, self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str) -> float:
+    async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
+                               knn: KnnRequestSettings | None = None) -> float:
         """Sum of log-probs of the last `scored` prompt tokens."""
-        sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True)
+        sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, knn=knn)
         values = None
         async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):
             if delta.prompt_logprobs is not None:
@@ -171,7 +184,7 @@ class Evaluator:
     def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
         spans = []
         for index, ids in enumerate(tokens):
-            if settings.mode == "none" or not ids:
+            if settings.mode in ("none", "token") or not ids:
                 spans.append(_Span(index, 0, len(ids)))
                 continue
             for start in range(0, len(ids), settings.stride):
@@ -223,7 +236,8 @@ class Evaluator:
             prompt = built.token_ids + target
             engine_tokens += len(prompt)
             async with limit:
-                logprob = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}")
+                logprob = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}",
+                                                      settings.knn())
             scores[span.document].nll_nats -= logprob
 
         started = time.perf_counter()

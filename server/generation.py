@@ -20,6 +20,7 @@ from typing import Any
 
 from server import context
 from server.engine import Engine, SegmentSampling
+from server.knn_settings import KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,15 @@ class LoopSettings:
     layout: str = "prepend"
     shard_policy: str = "partial"
     return_logprobs: bool = False
+    knn_lambda: float = 0.25
+    knn_k: int = 16
+    knn_temperature: float = 10.0
+
+    def knn_settings(self) -> KnnRequestSettings | None:
+        """Token mode's per-request settings for the engine (None in other modes)."""
+        if self.retrieval_mode != "token":
+            return None
+        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature)
 
 
 class Generator:
@@ -141,6 +151,8 @@ class Generator:
         use_retrieval = settings.retrieval_mode == "chunk"
         if use_retrieval and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")
+        # Token mode retrieves inside the engine at every step (server/knn_model.py): one segment.
+        knn = settings.knn_settings()
         seed = settings.seed
         if seed is None and settings.temperature > 0:
             seed = random.randrange(2**31)
@@ -192,6 +204,7 @@ class Generator:
                 top_k=settings.top_k,
                 seed=None if seed is None else (seed + 1_000_003 * segment) % (2**31),
                 logprobs=settings.return_logprobs,
+                knn=knn,
             )
             segment_tokens = 0
             finish_reason = None

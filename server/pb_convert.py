@@ -34,6 +34,10 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         layout=LAYOUT_TO_PB[defaults.layout],
         available_modes=[MODE_TO_PB[mode] for mode in available_modes],
         shard_policy=SHARD_POLICY_TO_PB[defaults.shard_policy],
+        knn_lambda=defaults.knn_lambda,
+        knn_k=defaults.knn_k,
+        max_knn_k=defaults.max_knn_k,
+        knn_temperature=defaults.knn_temperature,
     )
 
 

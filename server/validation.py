@@ -100,11 +100,16 @@ class GenerationRequest:
     return_provenance: bool = False
     return_token_ids: bool = False
     return_logprobs: bool = False
+    knn_lambda: float = 0.25
+    """Token mode: λ of λ·p_kNN + (1-λ)·p_LM."""
+    knn_k: int = 16
+    knn_temperature: float = 10.0
 
     LOOP_FIELDS = (
         "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
-        "query_tokens", "layout", "shard_policy", "return_logprobs",
+        "query_tokens", "layout", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
+        "knn_temperature",
     )
 
     @property
@@ -173,6 +178,16 @@ class GenerationRequest:
         _check_range("retrieval.stride", stride, defaults.min_stride, defaults.max_stride)
         query_tokens = _optional(retrieval, "query_tokens", defaults.query_tokens)
         _check_range("retrieval.query_tokens", query_tokens, 1, defaults.max_query_tokens)
+        knn_lambda = _optional(retrieval, "knn_lambda", defaults.knn_lambda)
+        _check_finite("retrieval.knn_lambda", knn_lambda)
+        _check_range("retrieval.knn_lambda", knn_lambda, 0.0, 1.0)
+        knn_k = _optional(retrieval, "knn_k", defaults.knn_k)
+        _check_range("retrieval.knn_k", knn_k, 1, defaults.max_knn_k)
+        knn_temperature = _optional(retrieval, "knn_temperature", defaults.knn_temperature)
+        _check_finite("retrieval.knn_temperature", knn_temperature)
+        if not knn_temperature > 0:
+            raise InvalidArgument("retrieval.knn_temperature",
+                                  f"retrieval.knn_temperature={_show(knn_temperature)} must be > 0")
 
         prompt_token_count = None
         if context.count_tokens is not None:
@@ -204,6 +219,9 @@ class GenerationRequest:
             return_provenance=retrieval.return_provenance,
             return_token_ids=request.response.return_token_ids,
             return_logprobs=request.response.return_logprobs,
+            knn_lambda=float(knn_lambda),
+            knn_k=knn_k,
+            knn_temperature=float(knn_temperature),
         )
 
 

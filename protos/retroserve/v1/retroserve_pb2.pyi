@@ -105,7 +105,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., time_limit_ms: _Optional[int] = ..., include_stop_sequence: _Optional[bool] = ...) -> None: ...
 
 class RetrievalParameters(_message.Message):
-    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy")
+    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy", "knn_lambda", "knn_k", "knn_temperature")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class RetrievalParameters(_message.Message):
     RETURN_PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARD_POLICY_FIELD_NUMBER: _ClassVar[int]
+    KNN_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    KNN_K_FIELD_NUMBER: _ClassVar[int]
+    KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     stride: int
@@ -120,7 +123,10 @@ class RetrievalParameters(_message.Message):
     return_provenance: bool
     layout: ContextLayout
     shard_policy: ShardPolicy
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ...) -> None: ...
+    knn_lambda: float
+    knn_k: int
+    knn_temperature: float
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ...) -> None: ...
 
 class MissingShard(_message.Message):
     __slots__ = ("shard_index", "address", "reason")
@@ -399,7 +405,7 @@ class LimitsInfo(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
-    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy")
+    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -411,6 +417,10 @@ class RetrievalDefaultsInfo(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MODES_FIELD_NUMBER: _ClassVar[int]
     SHARD_POLICY_FIELD_NUMBER: _ClassVar[int]
+    KNN_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    KNN_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_KNN_K_FIELD_NUMBER: _ClassVar[int]
+    KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     max_neighbours: int
@@ -422,18 +432,24 @@ class RetrievalDefaultsInfo(_message.Message):
     layout: ContextLayout
     available_modes: _containers.RepeatedScalarFieldContainer[RetrievalMode]
     shard_policy: ShardPolicy
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ...) -> None: ...
+    knn_lambda: float
+    knn_k: int
+    max_knn_k: int
+    knn_temperature: float
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version")
+    __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version", "token_datastore")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DATASTORE_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     datastore: DatastoreInfo
     limits: LimitsInfo
     retrieval_defaults: RetrievalDefaultsInfo
     version: str
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., datastore: _Optional[_Union[DatastoreInfo, _Mapping]] = ..., limits: _Optional[_Union[LimitsInfo, _Mapping]] = ..., retrieval_defaults: _Optional[_Union[RetrievalDefaultsInfo, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    token_datastore: DatastoreInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., datastore: _Optional[_Union[DatastoreInfo, _Mapping]] = ..., limits: _Optional[_Union[LimitsInfo, _Mapping]] = ..., retrieval_defaults: _Optional[_Union[RetrievalDefaultsInfo, _Mapping]] = ..., version: _Optional[str] = ..., token_datastore: _Optional[_Union[DatastoreInfo, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,152 @@
+"""Open a published token (kNN-LM) datastore read-only and search it with hidden states.
+
+A token datastore maps the serving model's final hidden state at every corpus position (the key)
+to the token that followed it (the value). Its keys are only meaningful for the exact weights that
+produced them, so `TokenDatastore.open` refuses one built with another model or tokenizer, naming
+the rebuild command. It is opened twice in a server: in the gRPC process (for Info and the
+fingerprint check at start-up) and inside vLLM's engine process by the kNN model class
+(server/knn_model.py), which searches it once per engine step.
+
+Files (docs/datastore_format.md, "Token datastores"): `index.faiss` (L2 metric, ids = entry ids),
+`values.npy` (int32 next-token id per entry), `next.npy` (int64 entry id of the following corpus
+position in the same document, -1 at a document's end: the pointers RetoMaton-style caching
+follows), `doc_ids.npy` (int32 document per entry), `docs.json` (source and title per document).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retriever import format as fmt
+from retriever.datastore import DatastoreError, FingerprintMismatch, apply_search_params, read_index, read_manifest
+
+log = logging.getLogger(__name__)
+
+MODE = "token"
+VALUES_FILE = "values.npy"
+NEXT_FILE = "next.npy"
+DOC_IDS_FILE = "doc_ids.npy"
+DOCS_FILE = "docs.json"
+REQUIRED_FILES = (fmt.INDEX_FILE, VALUES_FILE, NEXT_FILE, DOC_IDS_FILE, DOCS_FILE)
+TOKEN_REBUILD_HINT = (
+    "rebuild it for this model with `retroserve datastore build --mode token ... --model DIR` "
+    "(DIR: the served model directory)"
+)
+
+
+@dataclass
+class TokenSearch:
+    """One batched search: squared L2 distances, entry ids (-1: no entry) and their next tokens."""
+
+    distances: np.ndarray  # float32 [n, k]
+    ids: np.ndarray  # int64 [n, k]
+    values: np.ndarray  # int64 [n, k], -1 where ids are -1
+
+
+class TokenDatastore:
+    """A token datastore opened for searching; `search` is thread-safe (FAISS is, numpy reads are)."""
+
+    def __init__(self, path: Path, manifest: dict, index, values: np.ndarray, next_ids: np.ndarray,
+                 doc_ids: np.ndarray, docs: list[dict]):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.values = values
+        self.next_ids = next_ids
+        self.doc_ids = doc_ids
+        self.docs = docs
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, *, expected_model_fingerprint: str | None = None,
+             expected_tokenizer_fingerprint: str | None = None) -> "TokenDatastore":
+        """Open `path`; raises DatastoreError (FingerprintMismatch for another model) naming the fix."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        mode = manifest.get("mode", "chunk")
+        if mode != MODE:
+            raise DatastoreError(
+                f"{path} is a {mode}-mode datastore, not a token datastore; pass it with --datastore-dir, "
+                f"or build a token datastore with `retroserve datastore build --mode token`"
+            )
+        if expected_tokenizer_fingerprint is not None:
+            built_with = (manifest.get("tokenizer") or {}).get("fingerprint")
+            if built_with != expected_tokenizer_fingerprint:
+                raise FingerprintMismatch(
+                    f"token datastore {path} was built with tokenizer {built_with} but the served model's "
+                    f"tokenizer is {expected_tokenizer_fingerprint}; {TOKEN_REBUILD_HINT}"
+                )
+        if expected_model_fingerprint is not None:
+            built_with = (manifest.get("model") or {}).get("fingerprint")
+            if built_with != expected_model_fingerprint:
+                raise FingerprintMismatch(
+                    f"token datastore {path} was built with model {built_with} but the served model is "
+                    f"{expected_model_fingerprint}: its keys are another model's hidden states; "
+                    f"{TOKEN_REBUILD_HINT}"
+                )
+        problems = check_token_files(path, manifest)
+        if problems:
+            raise DatastoreError(f"token datastore {path} is damaged: {'; '.join(problems)}; {TOKEN_REBUILD_HINT}")
+        index, _ = read_index(path / fmt.INDEX_FILE)
+        apply_search_params(index, (manifest.get("index") or {}).get("search_params") or {})
+        values = np.load(path / VALUES_FILE, mmap_mode="r")
+        next_ids = np.load(path / NEXT_FILE, mmap_mode="r")
+        doc_ids = np.load(path / DOC_IDS_FILE, mmap_mode="r")
+        docs = json.loads((path / DOCS_FILE).read_text(encoding="utf-8"))
+        if not len(values) == len(next_ids) == len(doc_ids) == index.ntotal:
+            raise DatastoreError(
+                f"token datastore {path} is inconsistent: {index.ntotal} keys, {len(values)} values, "
+                f"{len(next_ids)} pointers, {len(doc_ids)} document ids; {TOKEN_REBUILD_HINT}"
+            )
+        log.info("opened token datastore %s: %d entries, %s", path, index.ntotal,
+                 (manifest.get("index") or {}).get("factory"))
+        return cls(path, manifest, index, np.asarray(values, dtype=np.int64), np.asarray(next_ids),
+                   np.asarray(doc_ids), docs)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(self, queries: np.ndarray, k: int) -> TokenSearch:
+        """k nearest keys of each query row (float32 [n, dim]) in one FAISS call."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [n, {self.dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"{k=} must be >= 1")
+        distances, ids = self.index.search(queries, k)
+        return TokenSearch(distances, ids, self.lookup_values(ids))
+
+    def lookup_values(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token ids for entry ids (any shape); -1 stays -1."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.where(ids >= 0, self.values[np.clip(ids, 0, None)], -1)
+
+    def close(self) -> None:
+        """Nothing to release explicitly (memory maps close with the arrays); kept for symmetry."""
+
+
+def check_token_files(path: Path, manifest: dict) -> list[str]:
+    """Problems with the files a token manifest lists (missing, listed, size)."""
+    problems = []
+    files = manifest.get("files") or {}
+    for required in REQUIRED_FILES:
+        if required not in files:
+            problems.append(f"{required}: not listed in manifest.json")
+    for relative, entry in sorted(files.items()):
+        file_path = path / relative
+        if not file_path.is_file():
+            problems.append(f"{relative}: missing")
+        elif file_path.stat().st_size != entry.get("bytes"):
+            problems.append(f"{relative}: {file_path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
+    return problems

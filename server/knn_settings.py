@@ -1,0 +1,46 @@
+"""Names and per-request settings shared by the server process and the kNN-LM model class.
+
+Kept free of torch and vLLM imports: validation and the generation loop use it in the gRPC process,
+server/knn_model.py inside vLLM's engine process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+KNN_ARCHITECTURE = "RetroserveKnnLlamaForCausalLM"
+"""Architecture name the plugin registers and the engine selects with hf_overrides."""
+KNN_BATCH_TRACKER = "server.knn_model:KnnBatchTracker"
+"""V1-runner logits processor that reports token-mode rows to the model class (engine arg)."""
+HF_CONFIG_KEY = "retroserve_knn"
+"""hf_config attribute (a JSON string) with the engine-wide settings: datastore path, fingerprint."""
+EXTRA_ARGS_KEY = "retroserve_knn"
+"""SamplingParams.extra_args key of a token-mode request's settings (KnnRequestSettings)."""
+
+
+@dataclass(frozen=True)
+class KnnRequestSettings:
+    """Per-request kNN-LM knobs, resolved by the server (validation) before they reach vLLM."""
+
+    lam: float
+    """Interpolation weight λ of p_kNN, in [0, 1]; 0 returns the model's own distribution."""
+    k: int
+    """Neighbours retrieved per step."""
+    temperature: float
+    """Softmax temperature over negative squared L2 distances."""
+    capture_dir: str | None = None
+    """Test/diagnostic hook (not reachable from the API): write every searched query, its
+    position and neighbours to this directory as .npz files."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0 or self.k < 1 or not self.temperature > 0:
+            raise ValueError(f"invalid kNN-LM settings {self}: need lam in [0, 1], k >= 1, temperature > 0")
+
+    def to_extra_args(self) -> dict:
+        return {EXTRA_ARGS_KEY: asdict(self)}
+
+    @classmethod
+    def from_sampling_params(cls, params) -> "KnnRequestSettings | None":
+        extra = getattr(params, "extra_args", None) or {}
+        value = extra.get(EXTRA_ARGS_KEY)
+        return None if value is None else cls(**value)

@@ -1,0 +1,252 @@
+"""Token mode (kNN-LM) end to end: token datastore build, the kNN model class inside vLLM, the API.
+
+One real server (vLLM engine with server/knn_model.py, no chunk datastore) serves the module; the
+token datastore is the small test corpus built with the served model. References are the same
+engine's own outputs in mode none (greedy tokens, prompt log-probs) and the build's keys.
+
+The kNN model class reaches vLLM's engine process through the `vllm.general_plugins` entry point
+in pyproject.toml. A checkout that has not been reinstalled since the entry point was added lacks
+it, so `knn_plugin_visible` puts a throwaway dist-info declaring it on sys.path (spawned engine
+processes inherit sys.path); nothing of vLLM is patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protos.retroserve.v1 import retroserve_pb2 as pb
+
+pytestmark = pytest.mark.engine
+
+LAMBDA_HIGH = 0.9
+
+
+@pytest.fixture(scope="module")
+def knn_plugin_visible(tmp_path_factory):
+    from server import knn_plugin
+
+    if knn_plugin.entry_point_installed():
+        yield
+        return
+    root = tmp_path_factory.mktemp("knn-plugin")
+    info = root / "retroserve_knn_dev-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: retroserve-knn-dev\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[{knn_plugin.ENTRY_POINT_GROUP}]\n{knn_plugin.ENTRY_POINT_NAME} = {knn_plugin.ENTRY_POINT_VALUE}\n")
+    sys.path.insert(0, str(root))
+    assert knn_plugin.entry_point_installed()
+    yield
+    sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="module")
+def token_datastore(tmp_path_factory, corpus_dir, prepared_model_dir) -> Path:
+    from datastore_tools.token_build import TokenBuildConfig, build_token_datastore
+
+    output = tmp_path_factory.mktemp("token-datastore") / "small"
+    build_token_datastore(TokenBuildConfig(output=output, model_dir=prepared_model_dir, inputs=[corpus_dir],
+                                           window=256, stride=128, progress=False))
+    return output
+
+
+@pytest.fixture(scope="module")
+def knn_server(knn_plugin_visible, prepared_model_dir, token_datastore, tmp_path_factory):
+    from loopback import ServerThread, server_config
+
+    config = server_config(prepared_model_dir, tmp_path_factory.mktemp("no-chunk-datastore"))
+    config.engine.token_datastore = token_datastore
+    config.retrieval.mode = "none"
+    running = ServerThread(config, with_datastore=False)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(knn_server):
+    from server.client import RetroserveClient
+
+    with RetroserveClient(knn_server.address, timeout=300) as client:
+        yield client
+
+
+def _corpus_document(token_datastore: Path, number: int):
+    """(token ids as the build saw them, entry ids of the document) for document `number`."""
+    from retriever.token_datastore import TokenDatastore
+
+    store = TokenDatastore.open(token_datastore)
+    entries = np.nonzero(store.doc_ids == number)[0]
+    start = store.manifest["keys"]["document_start_ids"]
+    ids = list(start) + [int(v) for v in store.values[entries]]
+    return ids, entries, store
+
+
+def _segment(server, prompt_ids, request_id, *, knn=None, max_tokens=1, prompt_logprobs=False):
+    from server.engine import SegmentSampling
+
+    engine = server.running.engine
+
+    async def run():
+        tokens, prompt_lp, lps = [], None, []
+        sampling = SegmentSampling(max_tokens=max_tokens, prompt_logprobs=prompt_logprobs, logprobs=True, knn=knn)
+        async for delta in engine.generate_segment(prompt_ids, sampling, request_id):
+            tokens += delta.token_ids
+            lps += delta.logprobs or []
+            if delta.prompt_logprobs:  # sent with the first delta only
+                prompt_lp = delta.prompt_logprobs
+        return tokens, prompt_lp, lps
+
+    return server.call(run(), timeout=300)
+
+
+# -- build and open (no engine) -----------------------------------------------------------------------
+
+
+def test_token_build_stores_next_tokens_and_pointers(token_datastore, prepared_model_dir):
+    from retriever import fingerprints
+    from retriever.token_datastore import TokenDatastore
+
+    store = TokenDatastore.open(token_datastore,
+                                expected_model_fingerprint=fingerprints.model_fingerprint(prepared_model_dir))
+    manifest = store.manifest
+    assert manifest["mode"] == "token" and manifest["index"]["metric"] == "l2"
+    assert manifest["counts"]["entries"] == store.ntotal == len(store.values) > 1000
+    assert store.dim == manifest["dims"]["embedding"] == 576
+    for number in range(manifest["counts"]["documents"]):
+        entries = np.nonzero(store.doc_ids == number)[0]
+        assert np.array_equal(entries, np.arange(entries[0], entries[-1] + 1))  # contiguous, in order
+        assert np.array_equal(store.next_ids[entries[:-1]], entries[1:]) and store.next_ids[entries[-1]] == -1
+    # Flat L2: each key's nearest key is itself (distance 0).
+    keys = store.index.reconstruct_n(0, 32)
+    found = store.search(keys, 1)
+    assert np.array_equal(found.ids[:, 0], np.arange(32)) and np.allclose(found.distances[:, 0], 0, atol=1e-3)
+
+
+def test_a_token_datastore_of_another_model_is_refused_with_the_fix(token_datastore, prepared_model_dir, tmp_path):
+    from retriever.datastore import Datastore, DatastoreError, FingerprintMismatch
+    from server.config import EngineConfig
+    from server.engine import open_token_datastore
+
+    other = tmp_path / "other"
+    shutil.copytree(token_datastore, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "model-sha256:" + "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FingerprintMismatch, match="--mode token"):
+        open_token_datastore(EngineConfig(model_dir=prepared_model_dir, token_datastore=other))
+    with pytest.raises(DatastoreError, match="--token-datastore"):
+        Datastore.open(token_datastore)
+
+
+def test_window_plan_covers_every_position_once():
+    from datastore_tools.token_build import windows
+
+    for length, window, stride in [(5, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 5), (33, 16, 16)]:
+        covered = []
+        for start, end, keep_from in windows(length, window, stride):
+            assert end - start <= window and start <= keep_from < end
+            assert keep_from == 0 or keep_from - start >= window - stride
+            covered += range(keep_from, end)
+        assert covered == list(range(length))
+
+
+# -- serving ------------------------------------------------------------------------------------------
+
+
+def test_info_reports_the_token_datastore_and_mode(client, token_datastore):
+    info = client.info()
+    assert info.token_datastore.loaded and info.token_datastore.mode == "token"
+    assert info.token_datastore.path == str(token_datastore)
+    assert pb.RETRIEVAL_MODE_TOKEN in info.retrieval_defaults.available_modes
+    assert pb.RETRIEVAL_MODE_CHUNK not in info.retrieval_defaults.available_modes
+    assert info.retrieval_defaults.knn_k == 16 and 0 < info.retrieval_defaults.knn_lambda < 1
+
+
+def test_lambda_zero_reproduces_the_models_own_logprobs_exactly(knn_server, token_datastore):
+    from server.knn_settings import KnnRequestSettings
+
+    ids, _, _ = _corpus_document(token_datastore, 0)
+    prompt = ids[:120]
+    alone = _segment(knn_server, prompt, "lam0-none", max_tokens=8, prompt_logprobs=True)
+    zero = _segment(knn_server, prompt, "lam0-token", knn=KnnRequestSettings(0.0, 16, 10.0), max_tokens=8,
+                    prompt_logprobs=True)
+    assert len(alone[1]) == len(prompt) and len(alone[2]) == 8
+    assert zero == alone  # tokens, prompt log-probs and sampled log-probs, bit for bit
+    mixed = _segment(knn_server, prompt, "lam-high", knn=KnnRequestSettings(LAMBDA_HIGH, 16, 10.0),
+                     prompt_logprobs=True)
+    # The text is in the datastore: kNN-LM must make it more likely than the model alone.
+    assert sum(mixed[1][1:]) > sum(alone[1][1:])
+
+
+def test_mixed_batch_leaves_other_requests_unchanged(knn_server, client):
+    prompts = ["The assert statement", "A global statement"]  # 4 requests at once: the test server's max_queue
+
+    def greedy(prompt, mode, **retrieval):
+        return list(client.generate(prompt, mode=mode, max_new_tokens=24, return_token_ids=True,
+                                    **retrieval).token_ids)
+
+    reference = {p: greedy(p, "none") for p in prompts}
+
+    async def batch():
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(None, greedy, p, "none") for p in prompts]
+        jobs += [loop.run_in_executor(None, lambda p=p: greedy(p, "token", knn_lambda=LAMBDA_HIGH)) for p in prompts]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(batch())
+    assert {p: r for p, r in zip(prompts, results[:2])} == reference
+    assert any(r != reference[p] for p, r in zip(prompts, results[2:]))  # token mode did change something
+
+
+def test_build_time_keys_match_serving_hidden_states(knn_server, token_datastore, tmp_path):
+    from server.knn_settings import KnnRequestSettings
+
+    ids, entries, store = _corpus_document(token_datastore, 2)  # not 0/1: the corpus has assert.txt twice
+    prompt = ids[:200]
+    capture = tmp_path / "capture"
+    _segment(knn_server, prompt, "capture", knn=KnnRequestSettings(0.5, 4, 10.0, capture_dir=str(capture)),
+             prompt_logprobs=True)
+    positions, queries, nearest = [], [], []
+    for path in sorted(capture.glob("*.npz")):
+        data = np.load(path)
+        positions += list(data["positions"])
+        queries.append(data["queries"])
+        nearest += list(data["ids"][:, 0])
+    positions = np.asarray(positions)
+    queries = np.concatenate(queries)
+    keep = positions < len(prompt) - 1  # prompt rows (the last one predicts the first new token)
+    positions, queries, nearest = positions[keep], queries[keep], np.asarray(nearest)[keep]
+    assert sorted(positions) == list(range(len(prompt) - 1))
+    keys = store.index.reconstruct_batch(entries[positions].astype(np.int64))
+    cosine = (queries * keys).sum(1) / np.linalg.norm(queries, axis=1) / np.linalg.norm(keys, axis=1)
+    print(f"cosine build-time key vs serving query: min {cosine.min():.5f} mean {cosine.mean():.5f}")
+    assert cosine.min() >= 0.99
+    assert np.mean(nearest == entries[positions]) >= 0.9  # the query finds its own key
+
+
+def test_token_mode_parameters_are_validated(client):
+    import grpc
+
+    for retrieval, field in [({"knn_lambda": 1.5}, "knn_lambda"), ({"knn_k": 0}, "knn_k"),
+                             ({"knn_temperature": 0.0}, "knn_temperature")]:
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate("x", mode="token", max_new_tokens=2, **retrieval)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+
+
+def test_eval_scores_token_mode(knn_server, token_datastore, corpus_dir):
+    from server.evaluation import EvalDocument, EvalSettings, Evaluator
+
+    text = (corpus_dir / "global.rst").read_text()
+    evaluator = Evaluator(knn_server.running.engine, max_doc_chars=600)
+    documents = [EvalDocument("global", text)]
+    alone = knn_server.call(evaluator.evaluate(documents, EvalSettings(mode="none")), timeout=300)
+    token = knn_server.call(evaluator.evaluate(documents, EvalSettings(mode="token", knn_lambda=0.5)), timeout=300)
+    assert token.bits_per_byte < alone.bits_per_byte  # the scored text is in the datastore
