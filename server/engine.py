@@ -86,9 +86,14 @@ class Engine:
         device = device or detect_device()
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
         dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
-        token_datastore, hf_overrides = None, None
+        token_datastore, knn_args = None, {}
         if config.token_datastore is not None:
             token_datastore, hf_overrides = open_token_datastore(config)
+            # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
+            # are token-mode requests (server/knn_model.py); V2 (CUDA) uses the model's ModelState.
+            knn_args = {"hf_overrides": hf_overrides}
+            if device == "cpu":
+                knn_args["logits_processors"] = [KNN_BATCH_TRACKER]
         args = AsyncEngineArgs(
             model=str(served_dir),
             tokenizer=str(served_dir),
@@ -103,10 +108,8 @@ class Engine:
             # node's memory is free (which fails on a shared machine even when 2 GiB would do).
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             disable_log_stats=False,
-            hf_overrides=hf_overrides,
-            # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
-            # are token-mode requests (server/knn_model.py); V2 (CUDA) uses the model's ModelState.
-            logits_processors=[KNN_BATCH_TRACKER] if token_datastore is not None and device == "cpu" else None,
+            # Only with a token datastore: vLLM refuses hf_overrides=None (it wants a dict).
+            **knn_args,
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(served_dir)
