@@ -59,12 +59,15 @@ def token_datastore(tmp_path_factory, corpus_dir, prepared_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def knn_server(knn_plugin_visible, prepared_model_dir, token_datastore, tmp_path_factory):
+    from prometheus_client import CollectorRegistry
+
     from loopback import ServerThread, server_config
 
     config = server_config(prepared_model_dir, tmp_path_factory.mktemp("no-chunk-datastore"))
     config.engine.token_datastore = token_datastore
     config.retrieval.mode = "none"
-    running = ServerThread(config, with_datastore=False)
+    # Its own registry: the session's server already holds the default one's retroserve_* names.
+    running = ServerThread(config, with_datastore=False, registry=CollectorRegistry())
     yield running
     running.stop()
 
