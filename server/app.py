@@ -160,16 +160,18 @@ def load_datastores(config: ServerConfig, with_datastore: bool, metrics):
 def interceptors_for(config: ServerConfig, metrics, tokens) -> list:
     """Outermost first: errors and metrics, then authentication (`tokens`: a server.auth
     .BearerTokens, or None for none), then the per-client bound (so a refused call is logged and
-    counted, and an unauthenticated one never reaches the bound)."""
+    counted, and an unauthenticated one never reaches the bound), then the refusal of requests
+    whose bytes do not decode."""
     from server.auth import BearerTokenInterceptor
     from server.client_limits import ClientStreamLimiter
-    from server.errors import ErrorInterceptor
+    from server.errors import ErrorInterceptor, UndecodableRequestInterceptor
 
     interceptors = [ErrorInterceptor(metrics)]
     if tokens is not None:
         interceptors.append(BearerTokenInterceptor(tokens))
     if config.limits.max_streams_per_client:
         interceptors.append(ClientStreamLimiter(config.limits.max_streams_per_client, tokens_checked=tokens is not None))
+    interceptors.append(UndecodableRequestInterceptor())
     return interceptors
 
 
