@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = retroserve_pb2.DESCRIPTOR.services_by_name["Retroserve"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ENGINE_DEAD_EXIT_CODE = 3
+ENGINE_WATCH_INTERVAL_S = 0.25
+"""How often the engine's liveness is polled (a property read: cheap)."""
 
 
 @dataclass
@@ -257,12 +259,18 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
 
 
 async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
-    """If the engine process dies, report NOT_SERVING and stop with a non-zero exit code."""
+    """If the engine process dies: health NOT_SERVING at once, and it stays the answer to probes
+    while the dead engine's processes are cleaned up (seconds); then the port closes and the
+    process exits with ENGINE_DEAD_EXIT_CODE so the orchestrator restarts it. Requests in flight
+    and new ones get UNAVAILABLE (server.errors.EngineDead)."""
     while not running.stopped.is_set():
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         if running.engine is not None and running.engine.errored:
             log.error("engine died; stopping with exit code %d", ENGINE_DEAD_EXIT_CODE)
             running.exit_code = ENGINE_DEAD_EXIT_CODE
+            await running.set_serving(False)
+            if running.owns_engine:
+                await asyncio.get_running_loop().run_in_executor(None, running.engine.shutdown)
             await running.shutdown(0)
             return
 
