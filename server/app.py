@@ -8,7 +8,8 @@ exits non-zero so the orchestrator restarts it. SIGHUP reloads the datastore (se
 
 Security (README "Security"): TLS or mutual TLS on the gRPC port (server/tls.py), bearer tokens
 (server/auth.py) and a per-client bound on concurrent calls (server/client_limits.py), all checked
-before any port opens, so a bad certificate or token file stops startup with a message.
+before any port opens, so a bad certificate or token file stops startup with a message. The
+datastore is verified then too (checksums and structure), before the engine loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -138,6 +140,31 @@ def ensure_model(config: ServerConfig) -> None:
     model_prep.ensure_default_model()
 
 
+def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
+    """Refuse a damaged datastore before the engine loads (a minute on a small CPU) and before any
+    port opens: every file's SHA-256 against the manifest, then the index and payload structure,
+    as a hot swap checks (server/hot_swap.py). Without this a file damaged in place at its
+    original size was opened as if sound (opening checks sizes only) and reached FAISS and LMDB."""
+    if not with_datastore:
+        return
+    from datastore_tools.verify import verify_datastore
+    from retriever.datastore import DatastoreError
+    from server import paths
+    from server.hot_swap import PROBLEMS_SHOWN
+
+    path = Path(config.retrieval.datastore_dir)
+    if not (path / "manifest.json").is_file() and path.resolve() == paths.default_datastore_dir().resolve():
+        return  # the default datastore is built on first use (retriever.api.ensure_datastore)
+    problems = verify_datastore(path)
+    if problems:
+        more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
+        raise DatastoreError(
+            f"datastore {path} failed verification: {'; '.join(problems[:PROBLEMS_SHOWN])}{more}; run "
+            f"`retroserve datastore verify {path}` for all problems and rebuild it with `retroserve datastore "
+            f"build ... -o {path} --force`"
+        )
+
+
 def start_engine(config: ServerConfig):
     from server.engine import Engine
 
@@ -193,6 +220,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     # Bad certificate or token files stop startup here, before anything listens.
     certificates = certificates_for(config.security)
     tokens = BearerTokens.from_config(config.security)
+    await asyncio.get_running_loop().run_in_executor(None, check_datastore, config, with_datastore)
     metrics = Metrics(registry=registry)
     try:
         metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
