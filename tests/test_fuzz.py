@@ -164,3 +164,60 @@ def test_reload_of_an_unreadable_path_is_a_failed_precondition(fuzz_server, chan
     code, _, details = call_raw(channel, "/retroserve.v1.Admin/ReloadDatastore", request.SerializeToString())
     assert code is PRECONDITION, f"{code.name}: {details}"
     assert "still serving" in details
+
+
+def in_bounds_generation_requests():
+    """Requests inside every bound of the fuzz server, edges included (stride 1, 16 neighbours,
+    query of 1 token, top_k at its maximum, odd stop sequences), so they reach the generation loop
+    rather than validation."""
+    texts = st.one_of(st.sampled_from([t for t in proto_strategies.TEXTS if t.strip() and len(t) < 200]),
+                      st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=80).filter(str.strip))
+    stops = st.lists(st.one_of(st.sampled_from([" ", "\n", "the", "é", "🙂", "<|im_end|>"]),
+                               st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=8)),
+                     max_size=3)
+    return st.builds(
+        lambda prompt, temperature, top_p, top_k, seed, max_new, stop_sequences, include, time_ms, mode, layout,
+        neighbours, stride, query_tokens, provenance, ids, logprobs: pb.GenerateRequest(
+            prompt=prompt,
+            sampling=pb.SamplingParameters(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            stopping=pb.StoppingCriteria(max_new_tokens=max_new, stop_sequences=stop_sequences,
+                                         include_stop_sequence=include, time_limit_ms=time_ms),
+            retrieval=pb.RetrievalParameters(mode=mode, layout=layout, neighbours=neighbours, stride=stride,
+                                             query_tokens=query_tokens, return_provenance=provenance),
+            response=pb.ResponseOptions(return_token_ids=ids, return_logprobs=logprobs)),
+        texts, st.sampled_from([0.0, 0.0, 1e-6, 0.7, 1.0, 2.0]), st.sampled_from([1e-6, 0.5, 1.0]),
+        st.sampled_from([0, 1, 50, 262_144]), st.integers(0, 2**31 - 1), st.integers(1, 4), stops,
+        st.booleans(), st.sampled_from([0, 1, 500, 2000]),
+        st.sampled_from([pb.RETRIEVAL_MODE_NONE, pb.RETRIEVAL_MODE_CHUNK]),
+        st.sampled_from([pb.CONTEXT_LAYOUT_PREPEND, pb.CONTEXT_LAYOUT_AFTER_PROMPT]),
+        st.sampled_from([1, 2, 16]), st.sampled_from([1, 2, 1024]), st.sampled_from([1, 32, 256]),
+        st.booleans(), st.booleans(), st.booleans())
+
+
+@pytest.mark.parametrize("method", ["/retroserve.v1.Retroserve/Generate", "/retroserve.v1.Retroserve/GenerateStream"])
+def test_fuzzed_in_bounds_generation_completes_normally(fuzz_server, channel, method):
+    @settings(FUZZ_SETTINGS, max_examples=max(10, FUZZ_EXAMPLES // 2))
+    @given(in_bounds_generation_requests())
+    def one(request):
+        code, replies, details = call_raw(channel, method, request.SerializeToString())
+        assert code is OK, f"{method} answered {code.name} ({details!r}) to {request!r}"
+        check_answer(method, code, replies, details, request)
+        response_class = pb.GenerateResponse if method.endswith("Generate") else pb.GenerateStreamResponse
+        final = response_class.FromString(replies[-1])
+        assert final.generated_token_count <= request.stopping.max_new_tokens
+        if request.response.return_token_ids:
+            token_ids = [t for reply in replies for t in response_class.FromString(reply).token_ids]
+            assert len(token_ids) == final.generated_token_count
+
+    one()
+    assert_idle(fuzz_server)
+
+
+def test_temperatures_the_engine_refuses_are_refused_by_validation(fuzz_server, channel):
+    """The bound was 100 while vLLM refuses more than 2: temperature 3 passed validation and the
+    request failed inside the engine with INTERNAL."""
+    for temperature, expected in ((2.0, OK), (2.5, INVALID), (100.0, INVALID)):
+        request = pb.GenerateRequest(prompt="The assert statement", sampling=pb.SamplingParameters(
+            temperature=temperature), stopping=pb.StoppingCriteria(max_new_tokens=2))
+        code, _, details = call_raw(channel, "/retroserve.v1.Retroserve/Generate", request.SerializeToString())
+        assert code is expected, f"temperature {temperature}: {code.name} {details}"
