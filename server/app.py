@@ -36,6 +36,10 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ENGINE_DEAD_EXIT_CODE = 3
 ENGINE_WATCH_INTERVAL_S = 0.25
 """How often the engine's liveness is polled (a property read: cheap)."""
+ENGINE_DEAD_NOT_SERVING_S = 2.0
+"""After the engine died, health answers NOT_SERVING this long before the port closes, so a
+checker polling faster sees the state, not just a refused connection (cleaning up the dead
+engine takes milliseconds, measured: too short a window to be seen)."""
 
 
 @dataclass
@@ -287,10 +291,10 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
 
 
 async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
-    """If the engine process dies: health NOT_SERVING at once, and it stays the answer to probes
-    while the dead engine's processes are cleaned up (seconds); then the port closes and the
-    process exits with ENGINE_DEAD_EXIT_CODE so the orchestrator restarts it. Requests in flight
-    and new ones get UNAVAILABLE (server.errors.EngineDead)."""
+    """If the engine process dies: health NOT_SERVING at once (within ENGINE_WATCH_INTERVAL_S),
+    kept for ENGINE_DEAD_NOT_SERVING_S while the dead engine is cleaned up; then the port closes
+    and the process exits with ENGINE_DEAD_EXIT_CODE so the orchestrator restarts it. Requests in
+    flight and new ones get UNAVAILABLE (server.errors.EngineDead)."""
     while not running.stopped.is_set():
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         if running.engine is not None and running.engine.errored:
@@ -299,6 +303,7 @@ async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
             await running.set_serving(False)
             if running.owns_engine:
                 await asyncio.get_running_loop().run_in_executor(None, running.engine.shutdown)
+            await asyncio.sleep(ENGINE_DEAD_NOT_SERVING_S)
             await running.shutdown(0)
             return
 
