@@ -5,7 +5,8 @@ as the staged datastore is being written, at a seeded random delay after its tri
 kill the output path must hold nothing or a datastore that verifies; the next run of the same
 command resumes. Once a datastore is published (a kill can land just after the rename), later runs
 rebuild over it with `--force`, and a kill must leave the previous or the new one there, intact. A
-final run completes. RETROSERVE_BUILD_KILLS (default 4) sets how many kills.
+final run completes; two `--force` rebuilds over it are then killed (mid-embedding, while staging).
+RETROSERVE_BUILD_KILLS (default 4) sets how many kills come before the final run.
 """
 
 from __future__ import annotations
@@ -96,4 +97,14 @@ def test_a_build_killed_at_random_points_never_publishes_a_broken_datastore(corp
         assert finished.returncode == 0, (tmp_path / "build.log").read_text()[-2000:]
         assert verify_datastore(output) == []
         assert not work_dir_for(output).exists()
+
+        # Rebuilds over the published datastore, killed mid-embedding and while staging.
+        for trigger in ("shards", "staging"):
+            published = (output / "manifest.json").read_bytes()
+            what = run_and_kill(command + ["--force"], output, trigger, rng.uniform(0, 0.05), 1, log)
+            state = ("absent" if not output.exists() else
+                     "previous" if (output / "manifest.json").read_bytes() == published else "new")
+            history.append((trigger + " --force", what, state))
+            assert state != "absent", f"a --force rebuild killed at {trigger} lost the datastore: {history}"
+            assert_absent_or_sound(output)
     print("kills:", history)
