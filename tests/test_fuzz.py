@@ -221,3 +221,26 @@ def test_temperatures_the_engine_refuses_are_refused_by_validation(fuzz_server, 
             temperature=temperature), stopping=pb.StoppingCriteria(max_new_tokens=2))
         code, _, details = call_raw(channel, "/retroserve.v1.Retroserve/Generate", request.SerializeToString())
         assert code is expected, f"temperature {temperature}: {code.name} {details}"
+
+
+def test_a_stream_ended_by_a_stop_sequence_still_sends_its_last_tokens_and_retrievals(fuzz_server, channel):
+    """The delta in which a stop sequence matched was dropped from the stream: its token ids (and a
+    retrieval made just before it) never reached streaming clients, though generated_token_count
+    and the unary reply counted them. Found by the in-bounds fuzz. (Common characters as stop
+    sequences: greedy output shifts with what the prefix cache holds, so no one text is assumed.)"""
+    stopped = 0
+    for prompt in ("The assert statement in Python", "The with statement", "A for loop over a list"):
+        request = pb.GenerateRequest(
+            prompt=prompt, stopping=pb.StoppingCriteria(max_new_tokens=4, stop_sequences=list(" etaos.\n")),
+            retrieval=pb.RetrievalParameters(mode=pb.RETRIEVAL_MODE_CHUNK, stride=1, return_provenance=True),
+            response=pb.ResponseOptions(return_token_ids=True, return_logprobs=True))
+        code, replies, details = call_raw(channel, "/retroserve.v1.Retroserve/GenerateStream",
+                                          request.SerializeToString())
+        assert code is OK, details
+        messages = [pb.GenerateStreamResponse.FromString(reply) for reply in replies]
+        final = messages[-1]
+        stopped += final.stop_reason == pb.STOP_REASON_STOP_SEQUENCE
+        assert sum(len(m.token_ids) for m in messages) == final.generated_token_count
+        assert sum(len(m.logprobs) for m in messages) == final.generated_token_count
+        assert sum(len(m.retrievals) for m in messages) == final.timing.retrievals
+    assert stopped, "no request ended on a stop sequence"
