@@ -12,6 +12,7 @@ FUZZ_EXAMPLES=40 requests per method; `RETROSERVE_FUZZ_EXAMPLES=500` runs a larg
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 
@@ -42,6 +43,8 @@ METHODS = {
     "/retroserve.v1.Retroserve/Info": (pb.InfoRequest, False, {OK, INVALID}),
     "/retroserve.v1.Admin/ReloadDatastore": (admin_pb2.ReloadDatastoreRequest, False, {INVALID, PRECONDITION}),
 }
+CASES: collections.Counter = collections.Counter()
+"""Calls sent per method (printed when the module's server stops: run with -s to see them)."""
 NORMAL_STOPS = {pb.STOP_REASON_MAX_TOKENS, pb.STOP_REASON_EOS_TOKEN, pb.STOP_REASON_STOP_SEQUENCE,
                 pb.STOP_REASON_TIME_LIMIT}
 
@@ -53,6 +56,7 @@ def fuzz_server(server, prepared_model_dir, server_datastore):
     running = second_server(server, config)
     yield running
     running.stop(1)
+    print(f"\nfuzz calls sent: {sum(CASES.values())} {dict(sorted(CASES.items()))}")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,7 @@ def channel(fuzz_server):
 def call_raw(channel, method: str, payload: bytes) -> tuple[grpc.StatusCode, list[bytes], str]:
     """(status, response messages as bytes, details) of one call with `payload` as the request."""
     _, streaming, _ = METHODS[method]
+    CASES[method.rsplit("/", 1)[-1]] += 1
     identity = dict(request_serializer=None, response_deserializer=None)
     try:
         if streaming:
