@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -102,13 +103,19 @@ def _prepare_work_dir(work: Path, key: str) -> Path:
     key_file = work / "key.json"
     if work.exists():
         previous = None
-        if key_file.is_file():
+        try:
             previous = json.loads(key_file.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            pass  # missing, or cut short by a kill: the shards cannot be trusted to match
         if previous != key:
             log.warning("discarding %s: it belongs to a build with other inputs or arguments", work)
             shutil.rmtree(work)
     (work / "shards").mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps({"key": key}))
+    # Written aside and renamed: a build killed while writing it left an empty key.json that
+    # json.loads refused on every later run, so the build could neither resume nor start over.
+    partial = key_file.with_suffix(".json.tmp")
+    partial.write_text(json.dumps({"key": key}))
+    os.replace(partial, key_file)
     return work / "shards"
 
 

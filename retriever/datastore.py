@@ -115,9 +115,13 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
 
 def read_manifest(path: Path) -> dict:
     manifest_path = path / fmt.MANIFEST
-    if not path.is_dir():
+    try:
+        exists, complete = path.is_dir(), manifest_path.is_file()
+    except OSError as error:  # a name too long, a directory we may not read: the caller's path is bad
+        raise DatastoreError(f"cannot read datastore {str(path)[:200]!r} ({error.strerror})") from error
+    if not exists:
         raise DatastoreError(f"datastore {path} does not exist; build one with `retroserve datastore build`")
-    if not manifest_path.is_file():
+    if not complete:
         raise DatastoreError(
             f"{manifest_path} is missing, so {path} is not a complete datastore (an interrupted build?); "
             f"{REBUILD_HINT}"

@@ -8,7 +8,8 @@ exits non-zero so the orchestrator restarts it. SIGHUP reloads the datastore (se
 
 Security (README "Security"): TLS or mutual TLS on the gRPC port (server/tls.py), bearer tokens
 (server/auth.py) and a per-client bound on concurrent calls (server/client_limits.py), all checked
-before any port opens, so a bad certificate or token file stops startup with a message.
+before any port opens, so a bad certificate or token file stops startup with a message. The
+datastore is verified then too (checksums and structure), before the engine loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = retroserve_pb2.DESCRIPTOR.services_by_name["Retroserve"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ENGINE_DEAD_EXIT_CODE = 3
+ENGINE_WATCH_INTERVAL_S = 0.25
+"""How often the engine's liveness is polled (a property read: cheap)."""
+ENGINE_DEAD_NOT_SERVING_S = 2.0
+"""After the engine died, health answers NOT_SERVING this long before the port closes, so a
+checker polling faster sees the state, not just a refused connection (cleaning up the dead
+engine takes milliseconds, measured: too short a window to be seen)."""
 
 
 @dataclass
@@ -136,6 +144,31 @@ def ensure_model(config: ServerConfig) -> None:
     model_prep.ensure_default_model()
 
 
+def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
+    """Refuse a damaged datastore before the engine loads (a minute on a small CPU) and before any
+    port opens: every file's SHA-256 against the manifest, then the index and payload structure,
+    as a hot swap checks (server/hot_swap.py). Without this a file damaged in place at its
+    original size was opened as if sound (opening checks sizes only) and reached FAISS and LMDB."""
+    if not with_datastore:
+        return
+    from datastore_tools.verify import verify_datastore
+    from retriever.datastore import DatastoreError
+    from server import paths
+    from server.hot_swap import PROBLEMS_SHOWN
+
+    path = Path(config.retrieval.datastore_dir)
+    if not (path / "manifest.json").is_file() and path.resolve() == paths.default_datastore_dir().resolve():
+        return  # the default datastore is built on first use (retriever.api.ensure_datastore)
+    problems = verify_datastore(path)
+    if problems:
+        more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
+        raise DatastoreError(
+            f"datastore {path} failed verification: {'; '.join(problems[:PROBLEMS_SHOWN])}{more}; run "
+            f"`retroserve datastore verify {path}` for all problems and rebuild it with `retroserve datastore "
+            f"build ... -o {path} --force`"
+        )
+
+
 def start_engine(config: ServerConfig):
     from server.engine import Engine
 
@@ -160,16 +193,18 @@ def load_datastores(config: ServerConfig, with_datastore: bool, metrics):
 def interceptors_for(config: ServerConfig, metrics, tokens) -> list:
     """Outermost first: errors and metrics, then authentication (`tokens`: a server.auth
     .BearerTokens, or None for none), then the per-client bound (so a refused call is logged and
-    counted, and an unauthenticated one never reaches the bound)."""
+    counted, and an unauthenticated one never reaches the bound), then the refusal of requests
+    whose bytes do not decode."""
     from server.auth import BearerTokenInterceptor
     from server.client_limits import ClientStreamLimiter
-    from server.errors import ErrorInterceptor
+    from server.errors import ErrorInterceptor, UndecodableRequestInterceptor
 
     interceptors = [ErrorInterceptor(metrics)]
     if tokens is not None:
         interceptors.append(BearerTokenInterceptor(tokens))
     if config.limits.max_streams_per_client:
         interceptors.append(ClientStreamLimiter(config.limits.max_streams_per_client, tokens_checked=tokens is not None))
+    interceptors.append(UndecodableRequestInterceptor())
     return interceptors
 
 
@@ -189,6 +224,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     # Bad certificate or token files stop startup here, before anything listens.
     certificates = certificates_for(config.security)
     tokens = BearerTokens.from_config(config.security)
+    await asyncio.get_running_loop().run_in_executor(None, check_datastore, config, with_datastore)
     metrics = Metrics(registry=registry)
     try:
         metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
@@ -255,12 +291,19 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
 
 
 async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
-    """If the engine process dies, report NOT_SERVING and stop with a non-zero exit code."""
+    """If the engine process dies: health NOT_SERVING at once (within ENGINE_WATCH_INTERVAL_S),
+    kept for ENGINE_DEAD_NOT_SERVING_S while the dead engine is cleaned up; then the port closes
+    and the process exits with ENGINE_DEAD_EXIT_CODE so the orchestrator restarts it. Requests in
+    flight and new ones get UNAVAILABLE (server.errors.EngineDead)."""
     while not running.stopped.is_set():
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         if running.engine is not None and running.engine.errored:
             log.error("engine died; stopping with exit code %d", ENGINE_DEAD_EXIT_CODE)
             running.exit_code = ENGINE_DEAD_EXIT_CODE
+            await running.set_serving(False)
+            if running.owns_engine:
+                await asyncio.get_running_loop().run_in_executor(None, running.engine.shutdown)
+            await asyncio.sleep(ENGINE_DEAD_NOT_SERVING_S)
             await running.shutdown(0)
             return
 

@@ -14,6 +14,9 @@ from server import paths
 
 RETRIEVAL_MODES = ("none", "chunk", "token")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
+ENGINE_MAX_TEMPERATURE = 2.0
+"""vLLM 0.32's SamplingParams refuses temperatures above this (VLLMValidationError): a bound
+above it let requests pass validation and fail inside the engine as INTERNAL."""
 CONTEXT_LAYOUTS = ("prepend", "after_prompt")
 """Context layouts of chunk mode; server/context.py LAYOUTS must list the same."""
 SHARD_POLICIES = ("partial", "require_all")
@@ -162,8 +165,8 @@ class Limits:
     """Longest a generation may run (seconds): the bound of stopping.time_limit_ms and the time
     limit of requests that set none, so no request holds the engine without end."""
     max_message_bytes: int = 4 * 1024 * 1024
-    max_temperature: float = 100.0
-    """Largest sampling temperature; beyond it sampling is uniform noise anyway."""
+    max_temperature: float = 2.0
+    """Largest sampling temperature: at most ENGINE_MAX_TEMPERATURE, the most vLLM accepts."""
     max_top_k: int = 262_144
     """Largest top_k: the biggest vocabulary we serve (Gemma-3's 262144 tokens)."""
     max_query_chars: int = 8192
@@ -176,8 +179,9 @@ class Limits:
     certificate's common name, else its IP address (behind a proxy every client shares one)."""
 
     def __post_init__(self) -> None:
-        if self.max_temperature <= 0:
-            raise ValueError(f"{self.max_temperature=} must be > 0")
+        if not 0 < self.max_temperature <= ENGINE_MAX_TEMPERATURE:
+            raise ValueError(f"{self.max_temperature=} must be in (0, {ENGINE_MAX_TEMPERATURE}]: vLLM's "
+                             "SamplingParams refuses higher temperatures")
         if self.max_top_k < 1:
             raise ValueError(f"{self.max_top_k=} must be >= 1")
         if self.max_query_chars < 1 or self.max_tokenize_chars < 1:

@@ -75,6 +75,7 @@ class Engine:
         self.served_dir = served_dir
         self.served_what = served_what
         self.eos_token_id = tokenizer.eos_token_id
+        self._died = False
 
     @classmethod
     def start(cls, config: EngineConfig, device: str | None = None) -> "Engine":
@@ -123,7 +124,8 @@ class Engine:
 
     @property
     def errored(self) -> bool:
-        return self._llm is not None and bool(self._llm.errored)
+        """The engine died (and stays reported dead after `shutdown` cleaned it up)."""
+        return self._died or (self._llm is not None and bool(self._llm.errored))
 
     @property
     def max_model_len(self) -> int:
@@ -139,6 +141,9 @@ class Engine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from server.errors import EngineDead
 
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
@@ -182,9 +187,14 @@ class Engine:
                     num_cached_tokens=output.num_cached_tokens,
                     prompt_logprobs=prompt_lp,
                 )
+        except EngineDeadError as error:
+            # UNAVAILABLE (this replica is going away; app._watch_engine stops it), not INTERNAL.
+            raise EngineDead("the inference engine stopped during this request; the server is "
+                             "restarting: retry, on another replica if there is one") from error
         finally:
-            if not finished:
-                await self._llm.abort(request_id)
+            llm = self._llm
+            if not finished and llm is not None and not self.errored:
+                await llm.abort(request_id)
 
     async def check_health(self) -> None:
         await self._llm.check_health()
@@ -193,6 +203,7 @@ class Engine:
         """Stop the engine processes; idempotent. (vLLM's AsyncLLM.__del__ may still print an
         ignored TypeError at interpreter exit when other references keep it alive until then:
         its shutdown calls a module global that is already None. Harmless; vLLM's bug.)"""
+        self._died = self.errored
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()

@@ -299,3 +299,64 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 call.finish(_code_of(grpc_context) or grpc.StatusCode.OK)
 
         return wrapped
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode, so a handler can refuse it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # protobuf's DecodeError, or whatever a parser raises
+            return _Undecodable(error)
+
+    return deserialize
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses requests whose bytes do not decode with INVALID_ARGUMENT.
+
+    Without it grpc answers a failing deserializer with INTERNAL before any of our code runs
+    (neither logged nor counted), though the fault is the client's. Install it innermost: the
+    tolerant deserializer it installs is what the outer interceptors pass on, and its refusal
+    runs only for calls that authentication and the per-client bound let through, so an
+    unauthenticated client still gets UNAUTHENTICATED. The InvalidArgument it raises reaches
+    ErrorInterceptor like any servicer error. Only single-request methods (all of the API's)
+    are guarded."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler_call_details.method or "").startswith(API_PACKAGE_PREFIX):
+            return handler
+        if handler.request_deserializer is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary(request, context):
+                _refuse_undecodable(request)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(handler.request_deserializer),
+                                                       response_serializer=handler.response_serializer)
+        behavior = handler.unary_stream
+
+        async def stream(request, context):
+            _refuse_undecodable(request)
+            async for response in behavior(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_tolerant(handler.request_deserializer),
+                                                    response_serializer=handler.response_serializer)
+
+
+def _refuse_undecodable(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"the request message could not be decoded ({request.error}); "
+                                         "send a message of the method's request type")

@@ -170,6 +170,8 @@ class Generator:
         max_stop = max((len(s) for s in settings.stop_sequences), default=0)
         segment = 0
         neighbours: list[Any] = []
+        unsent = GenerationDelta()
+        """Tokens, log-probs and retrievals of the delta a stop sequence ended (sent with the result)."""
 
         while stop_reason is None:
             remaining = settings.max_new_tokens - len(generated)
@@ -227,6 +229,8 @@ class Generator:
                             index, stop_sequence = hit
                             final_text = text[: index + (len(stop_sequence) if settings.include_stop_sequence else 0)]
                             stop_reason = StopReason.STOP_SEQUENCE
+                            unsent = GenerationDelta(token_ids=list(delta.token_ids),
+                                                     logprobs=list(delta.logprobs or []), retrievals=pending)
                             break
                         safe_end = len(text) - (max_stop - 1 if max_stop else 0)
                         if text.endswith("\ufffd"):
@@ -280,7 +284,8 @@ class Generator:
             cached_prompt_tokens=cached_tokens,
         )
         tail = final_text[emitted_chars:] if len(final_text) > emitted_chars else ""
-        yield GenerationDelta(text=tail, result=result)
+        yield GenerationDelta(text=tail, token_ids=unsent.token_ids, logprobs=unsent.logprobs,
+                              retrievals=unsent.retrievals, result=result)
 
 
 def _find_stop(text: str, stops: Sequence[str], emitted: int, max_stop: int) -> tuple[int, str] | None:

@@ -156,7 +156,10 @@ class DatastoreSlot:
     def _verify_and_open(self, path: Path, previous: DatastoreVersion) -> ServingRetrieval:
         """Full verification (every byte checksummed), then open; runs in a worker thread."""
         still_serving = f"still serving {previous.retrieval.datastore.path}"
-        problems = verify_datastore(path)
+        try:
+            problems = verify_datastore(path)
+        except OSError as error:  # unreadable files: the offered datastore's fault, not the server's
+            problems = [f"cannot read {error.filename or path} ({error.strerror})"]
         if problems:
             log.warning("datastore %s refused: %s", path, "; ".join(problems))
             shown = "; ".join(problems[:PROBLEMS_SHOWN])

@@ -2,7 +2,7 @@
 
 Everything a client sends passes through here before it reaches the engine or the datastore, so
 nothing a client sends can crash the server or start work that a bound forbids. Each refusal names
-the field path, the value and the bound, e.g. "sampling.temperature=-1 must be in [0, 100]".
+the field path, the value and the bound, e.g. "sampling.temperature=-1 must be in [0, 2]".
 Unset fields resolve to the server defaults (Limits, RetrievalDefaults), so the rest of the
 server never sees protobuf presence rules.
 

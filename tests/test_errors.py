@@ -266,3 +266,52 @@ def test_health_and_other_services_pass_through_uncounted():
             assert samples == []
 
     run(scenario())
+
+
+def test_undecodable_requests_are_invalid_argument_after_authentication(tmp_path):
+    """Bytes that do not decode as the request type: INVALID_ARGUMENT, counted, for unary and
+    streaming methods (grpc alone answers UNKNOWN with the parser's exception text); a caller
+    without a token still gets UNAUTHENTICATED first. The chain is app.interceptors_for's."""
+    from server.app import interceptors_for
+    from server.auth import BearerTokens
+    from server.config import SecurityConfig, ServerConfig
+
+    tokens_file = tmp_path / "tokens.txt"
+    tokens_file.write_text("good-token\n")
+    config = ServerConfig(security=SecurityConfig(auth_token_file=tokens_file))
+
+    async def scenario():
+        loopback = Loopback()
+        loopback.server = grpc.aio.server(
+            interceptors=interceptors_for(config, loopback.metrics, BearerTokens.from_config(config.security)))
+        pb_grpc.add_RetroserveServicer_to_server(loopback.servicer, loopback.server)
+        port = loopback.server.add_insecure_port("127.0.0.1:0")
+        await loopback.server.start()
+        results = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for method, token in (("Tokenize", "good-token"), ("GenerateStream", "good-token"), ("Tokenize", None)):
+                metadata = (("authorization", f"Bearer {token}"),) if token else ()
+                path = f"/retroserve.v1.Retroserve/{method}"
+                call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(path)
+                try:
+                    reply = call(b"\x0a\x02\xc3\x28", metadata=metadata, timeout=10)
+                    if method == "GenerateStream":
+                        [message async for message in reply]
+                    else:
+                        await reply
+                    results.append((grpc.StatusCode.OK, ""))
+                except grpc.aio.AioRpcError as error:
+                    results.append((error.code(), error.details()))
+            good = await channel.unary_unary("/retroserve.v1.Retroserve/Tokenize")(
+                pb.TokenizeRequest(text="a b").SerializeToString(), metadata=(("authorization", "Bearer good-token"),),
+                timeout=10)
+        await loopback.server.stop(0)
+        return results, pb.TokenizeResponse.FromString(good), loopback
+
+    results, good, loopback = run(scenario())
+    (tokenize, tokenize_details), (stream, _), (anonymous, _) = results
+    assert tokenize == stream == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in tokenize_details and "Traceback" not in tokenize_details
+    assert anonymous == grpc.StatusCode.UNAUTHENTICATED
+    assert good.token_count == 2
+    assert loopback.count("retroserve_errors_total", rpc="Tokenize", code="INVALID_ARGUMENT") == 1
