@@ -286,7 +286,6 @@ class Datastore:
         device: str = "auto",
         encoder=None,
         verify_checksums: bool = False,
-        expected_model_fingerprint: str | None = None,
     ) -> "Datastore":
         """Open `path` read-only. device: "auto" (GPU if FAISS and hardware allow), "cpu" or "cuda".
 
@@ -307,13 +306,6 @@ class Datastore:
                     f"datastore {path} was built with tokenizer {built_with} but the served model's "
                     f"tokenizer is {expected_tokenizer_fingerprint}: its chunk tokens would be wrong for "
                     f"this model; {REBUILD_HINT}"
-                )
-        if expected_model_fingerprint is not None and manifest.get("mode") == "token":
-            built_with = (manifest.get("model") or {}).get("fingerprint")
-            if built_with != expected_model_fingerprint:
-                raise FingerprintMismatch(
-                    f"datastore {path} was built with model {built_with} but the served model is "
-                    f"{expected_model_fingerprint}; {REBUILD_HINT}"
                 )
         problems = check_files(path, manifest, checksums=verify_checksums)
         if problems:
