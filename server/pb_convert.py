@@ -67,11 +67,16 @@ def stop_reason_to_pb(reason: str | None) -> int:
 
 
 def datastore_info_to_pb(version) -> pb.DatastoreInfo:
-    """A server.hot_swap.DatastoreVersion (the manifest summary of the datastore serving), or
-    `loaded=False` for None."""
+    """A server.hot_swap.DatastoreVersion (the chunk datastore serving), or `loaded=False` for None."""
     if version is None:
         return pb.DatastoreInfo(loaded=False)
-    datastore = version.retrieval.datastore
+    return datastore_summary_to_pb(version.retrieval.datastore, manifest_digest=version.digest,
+                                   serving_since=version.serving_since)
+
+
+def datastore_summary_to_pb(datastore, **extra) -> pb.DatastoreInfo:
+    """The manifest summary of an open datastore: chunk (local or shard fan-out) or token, whose
+    manifest has no embedder or chunk length (left empty). `extra`: more DatastoreInfo fields."""
     manifest = datastore.manifest
     dims = manifest.get("dims") or {}
     embedder = manifest.get("embedder") or {}
@@ -91,6 +96,5 @@ def datastore_info_to_pb(version) -> pb.DatastoreInfo:
         embedder=embedder.get("name", "") if isinstance(embedder, dict) else str(embedder),
         chunk_tokens=manifest.get("chunk_tokens", 0),
         created_at=manifest.get("created_at", ""),
-        manifest_digest=version.digest,
-        serving_since=version.serving_since,
+        **extra,
     )

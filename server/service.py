@@ -131,28 +131,6 @@ def _model_info(config: ServerConfig, engine) -> pb.ModelInfo:
     )
 
 
-def _token_datastore_info(engine) -> pb.DatastoreInfo:
-    datastore = getattr(engine, "token_datastore", None)
-    if datastore is None:
-        return pb.DatastoreInfo(loaded=False)
-    manifest = datastore.manifest
-    dims = manifest.get("dims") or {}
-    return pb.DatastoreInfo(
-        loaded=True,
-        name=manifest.get("name", ""),
-        path=str(datastore.path),
-        mode=manifest.get("mode", "token"),
-        tokenizer_fingerprint=(manifest.get("tokenizer") or {}).get("fingerprint", ""),
-        document_count=(manifest.get("counts") or {}).get("documents", 0),
-        entry_count=datastore.ntotal,
-        index_factory=(manifest.get("index") or {}).get("factory", ""),
-        embedding_dim=dims.get("embedding", 0),
-        index_dim=dims.get("index", 0),
-        pca_dim=(manifest.get("pca") or {}).get("dim", 0),
-        created_at=manifest.get("created_at", ""),
-    )
-
-
 class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
     """Serves one engine and (optionally) a chunk datastore, held in a server.hot_swap.DatastoreSlot
     so it can be swapped while serving; token mode is served by the engine itself when it was
@@ -317,6 +295,8 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
                 self.config.retrieval, self.validation.available_modes
             ),
             version=self.version,
-            token_datastore=_token_datastore_info(self.engine),
+            token_datastore=(pb_convert.datastore_summary_to_pb(self.engine.token_datastore)
+                             if getattr(self.engine, "token_datastore", None) is not None
+                             else pb.DatastoreInfo(loaded=False)),
         )
 
