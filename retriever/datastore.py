@@ -264,6 +264,17 @@ class PayloadReader:
                 self.env.close()
 
 
+def query_batch(embeddings: np.ndarray, dim: int, k: int) -> np.ndarray:
+    """`embeddings` as contiguous float32 [n, dim], or ValueError; k must be >= 1. Shared by every
+    searcher (local datastore, shard fan-out) so they refuse the same inputs the same way."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"embeddings must be [n, {dim}], got {list(embeddings.shape)}")
+    if k < 1:
+        raise ValueError(f"{k=} must be >= 1")
+    return embeddings
+
+
 class Datastore:
     """A published datastore opened for reading. Thread-safe for concurrent searches."""
 
@@ -362,11 +373,7 @@ class Datastore:
     def search_embeddings(self, embeddings: np.ndarray, k: int, timing: Timing | None = None) -> BatchResults:
         """Neighbours of each row of `embeddings` (float32 [n, 384], normalised) in one FAISS call."""
         timing = timing or Timing()
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [n, {self.dim}], got {list(embeddings.shape)}")
-        if k < 1:
-            raise ValueError(f"{k=} must be >= 1")
+        embeddings = query_batch(embeddings, self.dim, k)
         timing.queries = len(embeddings)
         if len(embeddings) == 0:
             return BatchResults([], timing)

@@ -31,7 +31,9 @@ import numpy as np
 from protos.retroserve.v1 import retriever_pb2 as rpb
 from protos.retroserve.v1 import retriever_pb2_grpc
 from retriever import shard_wire
-from retriever.datastore import BatchResults, DatastoreError, FingerprintMismatch, MissingShard, NeighbourRow, Timing
+from retriever.datastore import (
+    BatchResults, DatastoreError, FingerprintMismatch, MissingShard, NeighbourRow, Timing, query_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +171,7 @@ class FanoutSearcher:
         `timing.payload` stays 0 (payloads are read on the shards). The result's `shard_seconds`
         maps each answering shard to its round trip as seen here."""
         timing = timing or Timing()
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [n, {self.dim}], got {list(embeddings.shape)}")
-        if k < 1:
-            raise ValueError(f"{k=} must be >= 1")
+        embeddings = query_batch(embeddings, self.dim, k)
         n = len(embeddings)
         timing.queries = n
         if n == 0:
