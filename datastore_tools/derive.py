@@ -99,3 +99,36 @@ def write_derived(
         )
         manifest = write_manifest(stage, manifest)
     return manifest
+
+
+def subset_by_sources(
+    source_path: str | Path,
+    output: str | Path,
+    sources: set[str],
+    *,
+    index: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Publish the datastore of the chunks whose document came from one of `sources` (file paths as
+    the build recorded them), re-using the stored embeddings instead of embedding again.
+
+    The datastore-size sweep of `retroserve eval sweep` builds its largest datastore once and cuts
+    the smaller, nested ones from it with this: same chunks, same vectors as building them from
+    the file subset (up to the float16 rounding of the stored embeddings), at a fraction of the time.
+    """
+    from datastore_tools.raw_embeddings import load_raw_embeddings
+
+    with Datastore.open(source_path, device="cpu") as datastore:
+        # A JSONL line's source is "path:line".
+        wanted_docs = {doc_id for doc_id, doc in datastore.payloads.iter_docs()
+                       if doc["source"] in sources or doc["source"].rsplit(":", 1)[0] in sources}
+        if not wanted_docs:
+            raise DatastoreToolError(f"none of the {len(sources)} requested sources is in {source_path}")
+        keep = [i for i, record in datastore.payloads.iter_chunks() if record["doc"] in wanted_docs]
+        vectors, _ = load_raw_embeddings(datastore)
+        return write_derived(
+            datastore, Path(output), keep, vectors[keep],
+            factory=index or datastore.manifest["index"]["factory"],
+            pca_dim=(datastore.manifest.get("pca") or {}).get("dim"), force=force,
+            operation={"subset": {"sources": len(sources), "documents": len(wanted_docs)}},
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -307,6 +308,7 @@ async def run_async(args, engine=None) -> dict:
 async def sweep_async(args, engine=None) -> dict:
     """`eval sweep`: nested datastores from growing fractions of the split's datastore files."""
     from datastore_tools.build import BuildConfig, build_datastore
+    from datastore_tools.derive import subset_by_sources
 
     model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
     split = read_split(args.split)
@@ -315,16 +317,26 @@ async def sweep_async(args, engine=None) -> dict:
     loop = asyncio.get_running_loop()
 
     async def sweep(engine) -> tuple[list[dict], list[dict]]:
-        rows, references = [], []
-        for fraction in sorted(args.fractions):
+        rows, references, datastores = [], [], []
+        # The largest datastore is built (embedded) once; the smaller ones are nested subsets of its
+        # files, cut from it with their stored embeddings instead of embedding the text again.
+        largest = None
+        for fraction in sorted(args.fractions, reverse=True):
             files = split["datastore"][: max(1, round(len(split["datastore"]) * fraction))]
             datastore_dir = args.output_dir / "datastores" / f"fraction-{fraction:g}"
             if not (datastore_dir / "manifest.json").is_file():
-                config = BuildConfig(output=datastore_dir, model_dir=model_dir, inputs=[Path(f) for f in files],
-                                     index=args.index, progress=False)
                 started = time.perf_counter()
-                await loop.run_in_executor(None, build_datastore, config)
+                if largest is None:
+                    config = BuildConfig(output=datastore_dir, model_dir=model_dir, inputs=[Path(f) for f in files],
+                                         index=args.index, progress=False)
+                    await loop.run_in_executor(None, build_datastore, config)
+                else:
+                    await loop.run_in_executor(None, functools.partial(
+                        subset_by_sources, largest, datastore_dir, set(files), index=args.index))
                 log.info("built %s from %d files in %.0f s", datastore_dir, len(files), time.perf_counter() - started)
+            largest = largest or datastore_dir
+            datastores.append((fraction, datastore_dir))
+        for fraction, datastore_dir in sorted(datastores):
             for row in await score_grid(engine, documents, grid if not references else grid[1:], datastore_dir, args):
                 if row["settings"]["mode"] == "none":
                     references.append(row)
@@ -419,4 +431,8 @@ def add_eval_commands(groups) -> None:
     sweep.add_argument("--index", default="Flat", help="FAISS factory string of the sweep's datastores")
     _add_scoring_arguments(sweep)
     sweep.set_defaults(func=_handles_errors(run_sweep))
+
+    from server.eval_ablate import add_ablate_command
+
+    add_ablate_command(commands, _add_scoring_arguments, _handles_errors)
 

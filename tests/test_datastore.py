@@ -306,3 +306,33 @@ def test_one_datastore_opened_twice_in_one_process(small_datastore):
     third = Datastore.open(small_datastore)  # reopening after the last close works
     assert third.ntotal == second.ntotal
     third.close()
+
+
+def test_subset_by_sources_equals_building_from_those_files(small_datastore, corpus_dir, tokenizer_dir, encoder,
+                                                            tmp_path):
+    """The size sweep cuts smaller datastores from the largest: same chunks, same vectors (to float16
+    storage rounding), same continuation links as building from the file subset directly."""
+    from datastore_tools.derive import subset_by_sources
+
+    files = [corpus_dir / "assert.txt", corpus_dir / "global.rst", corpus_dir / "flow.jsonl"]
+    subset_by_sources(small_datastore, tmp_path / "cut", {str(f) for f in files}, index="Flat")
+    build_datastore(BuildConfig(output=tmp_path / "built", model_dir=tokenizer_dir, inputs=files, index="Flat",
+                                progress=False), encoder=encoder)
+
+    def contents(path):
+        with Datastore.open(path) as datastore:
+            records = [r for _, r in datastore.payloads.iter_chunks()]
+            # Ids depend on document order; compare each chunk with the text it continues into.
+            chunks = [(r["text"], records[r["next"]]["text"] if r["next"] >= 0 else None) for r in records]
+            sources = sorted(doc["source"] for _, doc in datastore.payloads.iter_docs())
+            vectors = datastore.index.reconstruct_n(0, datastore.ntotal)
+        return chunks, sources, vectors
+
+    cut, built = contents(tmp_path / "cut"), contents(tmp_path / "built")
+    assert sorted(cut[0]) == sorted(built[0]) and cut[1] == built[1]
+    order = {text: i for i, (text, _) in enumerate(built[0])}
+    aligned = built[2][[order[text] for text, _ in cut[0]]]
+    np.testing.assert_allclose(cut[2], aligned, atol=2e-3)
+    with pytest.raises(DatastoreToolError, match="none of the"):
+        subset_by_sources(small_datastore, tmp_path / "none", {"/no/such/file.txt"})
+    assert not (tmp_path / "none").exists()
