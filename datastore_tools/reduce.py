@@ -12,9 +12,10 @@ from datastore_tools.raw_embeddings import load_raw_embeddings
 from retriever.datastore import Datastore
 
 
-def reduce_datastore(source: str | Path, output: str | Path, pca_dim: int, index: str | None = None,
+def reduce_datastore(source: str | Path, output: str | Path, pca_dim: int | None, index: str | None = None,
                      force: bool = False) -> dict:
-    """Publish a copy of `source` whose index is PCA(pca_dim) + `index` (default: the source's factory)."""
+    """Publish a copy of `source` whose index is PCA(pca_dim) + `index` (default: the source's factory);
+    pca_dim None re-indexes the full-size embeddings (e.g. the same chunks under a compressed index)."""
     with Datastore.open(source, device="cpu") as datastore:
         vectors, origin = load_raw_embeddings(datastore)
         factory = index or datastore.manifest["index"]["factory"]

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from server import eval_cli
+from server import eval_ablate, eval_cli
 from server.cli import build_parser
 from server.evaluation import EvalDocument, Evaluator, EvalSettings, document_start_ids, ngram_overlap
 
@@ -143,6 +143,20 @@ def test_eval_run_and_sweep_commands_write_results_and_plots(server, corpus_dir,
     labels = [row["label"] for row in payload["rows"]]
     assert labels == ["model alone", "chunk k=2 stride=16 query=32", "chunk k=2 stride=32 query=32"]
     assert 0.0 <= payload["overlap"]["overlap"] <= 1.0
+
+    args = parser.parse_args(["eval", "ablate", "--split", str(split_path), "--datastore",
+                              str(run_dir / "datastores" / "fraction-1"), "--k", "2", "1", "--stride", "32",
+                              "--query-tokens", "32", "--pca", "16", "--near-dup", "0.9", "--index", "HNSW16,Flat",
+                              "--max-doc-chars", "400", "--output-dir", str(tmp_path / "ablations")])
+    payload = server.call(eval_ablate.ablate_async(args, engine=server.running.engine), timeout=600)
+    factors = [(row["ablation"]["factor"], row["ablation"]["value"]) for row in payload["rows"]]
+    assert factors == [("alone", None), ("base", None), ("k", 1), ("pca", 16), ("near_dup", 0.9),
+                       ("index", "HNSW16,Flat")]
+    assert payload["rows"][3]["datastore"]["entries"] == payload["rows"][1]["datastore"]["entries"]
+    pruned = payload["rows"][4]
+    assert pruned["datastore"]["entries"] == pruned["ablation"]["before"] - pruned["ablation"]["removed"]
+    assert all(row["search_ms_per_retrieval"] > 0 for row in payload["rows"][1:])
+    assert (tmp_path / "ablations" / "ablations.png").stat().st_size > 1000
     assert (tmp_path / "ablate" / "settings.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "bits/byte" in out and "near-verbatim overlap" in out
@@ -154,3 +168,4 @@ def test_eval_cli_names_a_bad_split_file(tmp_path, capsys):
     args = build_parser().parse_args(["eval", "run", "--split", str(bad)])
     assert args.func(args) == 2
     assert "retroserve eval split" in capsys.readouterr().err
+
