@@ -260,3 +260,33 @@ def test_count_weighting_matches_a_float64_reference():
     p_lm /= p_lm.sum(1, keepdims=True)
     np.testing.assert_allclose(out.numpy(), np.log(lam * p_knn + (1 - lam) * p_lm), rtol=1e-5, atol=1e-5)
     assert knn_speed.log_counts(None, ids) is None  # no counts file: the unweighted mixture, unchanged
+
+
+# -- request fields ----------------------------------------------------------------------------------
+
+
+def test_speed_fields_are_validated_and_resolved_to_server_defaults():
+    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from server.config import RetrievalDefaults
+    from server.errors import InvalidArgument
+    from server.validation import GenerationRequest, ValidationContext
+
+    context = ValidationContext(retrieval=RetrievalDefaults(knn_pointer_min=4), has_token_datastore=True)
+
+    def request(**retrieval):
+        return pb.GenerateRequest(prompt="x", retrieval=pb.RetrievalParameters(mode=pb.RETRIEVAL_MODE_TOKEN,
+                                                                              **retrieval))
+
+    resolved = GenerationRequest.from_pb(request(), context)
+    assert resolved.knn_skip_above_prob == 1.0 and resolved.knn_pointer_min == 4
+    resolved = GenerationRequest.from_pb(request(knn_skip_above_prob=0.8, knn_pointer_min=0), context)
+    assert resolved.knn_skip_above_prob == 0.8 and resolved.knn_pointer_min == 0
+    from server.generation import LoopSettings
+
+    settings = LoopSettings(**resolved.loop_settings_kwargs()).knn_settings()
+    assert settings.skip_above_prob == 0.8 and settings.pointer_min == 0
+    for bad, field in [({"knn_skip_above_prob": 0.0}, "knn_skip_above_prob"),
+                       ({"knn_skip_above_prob": 1.5}, "knn_skip_above_prob"),
+                       ({"knn_pointer_min": 10_000}, "knn_pointer_min")]:
+        with pytest.raises(InvalidArgument, match=field):
+            GenerationRequest.from_pb(request(**bad), context)
