@@ -18,7 +18,7 @@ COMMANDS = {
     "info": "show a datastore's manifest summary, sizes and counts",
     "verify": "check checksums and index/payload consistency",
     "search": "query a datastore with text",
-    "prune": "write a copy without duplicate / never-retrieved chunks",
+    "prune": "write a copy without duplicate / never-retrieved chunks (token mode: greedy-merged entries)",
     "reduce": "write a copy re-encoded to fewer dimensions with PCA",
     "shard": "split into N shards that share one trained index (for `retroserve retriever serve`)",
 }
@@ -275,12 +275,33 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL with {\"chunk_ids\": [...]} per retrieval: drop never-retrieved chunks")
     parser.add_argument("--index", default=None, help="factory of the new index (default: the source's)")
     parser.add_argument("--force", action="store_true")
+    token = parser.add_argument_group("token mode (greedy merge; datastore_tools/token_prune.py)")
+    token.add_argument("--mode", choices=("auto", "chunk", "token"), default="auto",
+                       help="chunk: drop duplicate chunks; token: greedy-merge entries whose neighbours share "
+                            "their next token, keeping counts (default: the source datastore's mode)")
+    token.add_argument("--merge-k", type=int, default=8,
+                       help="token mode: neighbours each entry may absorb (He et al. 2021)")
 
 
 @handles_errors
 def run_prune(args: argparse.Namespace) -> int:
     from datastore_tools.prune import prune_datastore
 
+    mode = args.mode
+    if mode == "auto":
+        from retriever.datastore import read_manifest
+
+        mode = read_manifest(args.datastore).get("mode", "chunk")
+    if mode == "token":
+        from datastore_tools.token_prune import prune_token_datastore
+
+        manifest = prune_token_datastore(args.datastore, args.output, k=args.merge_k, index=args.index,
+                                         force=args.force)
+        merge = manifest["merge"]
+        print(f"datastore: {args.output}  (mode token, greedy merge k={merge['k']})")
+        print(f"entries: {merge['entries_before']} -> {merge['entries_after']}  "
+              f"(keys {merge['keys']}, index {manifest['index']['factory']})")
+        return 0
     report = prune_datastore(args.datastore, args.output, exact=args.exact, near_dup=args.near_dup,
                              retrieval_log=args.retrieval_log, index=args.index, force=args.force)
     print(f"datastore: {args.output}")

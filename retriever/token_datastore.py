@@ -10,7 +10,9 @@ fingerprint check at start-up) and inside vLLM's engine process by the kNN model
 Files (docs/datastore_format.md, "Token datastores"): `index.faiss` (L2 metric, ids = entry ids),
 `values.npy` (int32 next-token id per entry), `next.npy` (int64 entry id of the following corpus
 position in the same document, -1 at a document's end: the pointers RetoMaton-style caching
-follows), `doc_ids.npy` (int32 document per entry), `docs.json` (source and title per document).
+follows), `doc_ids.npy` (int32 document per entry), `docs.json` (source and title per document),
+and optionally `counts.npy` (int64 original entries per entry, written by greedy-merge pruning,
+datastore_tools/token_prune.py; absent: every entry counts once).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ VALUES_FILE = "values.npy"
 NEXT_FILE = "next.npy"
 DOC_IDS_FILE = "doc_ids.npy"
 DOCS_FILE = "docs.json"
+COUNTS_FILE = "counts.npy"
 REQUIRED_FILES = (fmt.INDEX_FILE, VALUES_FILE, NEXT_FILE, DOC_IDS_FILE, DOCS_FILE)
 TOKEN_REBUILD_HINT = (
     "rebuild it for this model with `retroserve datastore build --mode token ... --model DIR` "
@@ -53,7 +56,7 @@ class TokenDatastore:
     """A token datastore opened for searching; `search` is thread-safe (FAISS is, numpy reads are)."""
 
     def __init__(self, path: Path, manifest: dict, index, values: np.ndarray, next_ids: np.ndarray,
-                 doc_ids: np.ndarray, docs: list[dict]):
+                 doc_ids: np.ndarray, docs: list[dict], counts: np.ndarray | None = None):
         self.path = path
         self.manifest = manifest
         self.index = index
@@ -61,6 +64,8 @@ class TokenDatastore:
         self.next_ids = next_ids
         self.doc_ids = doc_ids
         self.docs = docs
+        self.counts = counts
+        """int64 [ntotal] merge counts (greedy-merge pruning), None when every entry counts once."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -99,6 +104,10 @@ class TokenDatastore:
         next_ids = np.load(path / NEXT_FILE, mmap_mode="r")
         doc_ids = np.load(path / DOC_IDS_FILE, mmap_mode="r")
         docs = json.loads((path / DOCS_FILE).read_text(encoding="utf-8"))
+        counts = np.load(path / COUNTS_FILE) if COUNTS_FILE in (manifest.get("files") or {}) else None
+        if counts is not None and len(counts) != index.ntotal:
+            raise DatastoreError(f"token datastore {path} is inconsistent: {index.ntotal} keys, {len(counts)} "
+                                 f"merge counts; {TOKEN_REBUILD_HINT}")
         if not len(values) == len(next_ids) == len(doc_ids) == index.ntotal:
             raise DatastoreError(
                 f"token datastore {path} is inconsistent: {index.ntotal} keys, {len(values)} values, "
@@ -107,7 +116,7 @@ class TokenDatastore:
         log.info("opened token datastore %s: %d entries, %s", path, index.ntotal,
                  (manifest.get("index") or {}).get("factory"))
         return cls(path, manifest, index, np.asarray(values, dtype=np.int64), np.asarray(next_ids),
-                   np.asarray(doc_ids), docs)
+                   np.asarray(doc_ids), docs, None if counts is None else np.asarray(counts, dtype=np.int64))
 
     @property
     def ntotal(self) -> int:

@@ -276,6 +276,8 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
         else:
             running.owns_engine = False
         running.engine = engine
+        if getattr(engine, "has_token_datastore", False):
+            metrics.watch_knn(engine.knn_stats)
         running.datastores = await loop.run_in_executor(None, load_datastores, config, with_datastore, metrics)
     except BaseException:
         await running.shutdown(0)

@@ -98,6 +98,12 @@ class RetrievalDefaults:
     max_knn_k: int = 256
     knn_temperature: float = 10.0
     """Token mode: softmax temperature over negative squared L2 distances between hidden states."""
+    knn_skip_above_prob: float = 1.0
+    """Token mode, adaptive retrieval: steps whose LM max next-token probability is above this
+    skip the datastore search and keep the LM distribution; 1 never skips."""
+    knn_pointer_min: int = 0
+    """Token mode, pointer following (RetoMaton): reuse the previous step's neighbours that predicted
+    the emitted token, advanced to their corpus successors, when at least this many remain; 0: off."""
 
     def __post_init__(self) -> None:
         self.datastore_dir = Path(self.datastore_dir)
@@ -119,6 +125,10 @@ class RetrievalDefaults:
             raise ValueError(f"{self.knn_k=} must be in [1, {self.max_knn_k=}]")
         if not self.knn_temperature > 0:
             raise ValueError(f"{self.knn_temperature=} must be > 0")
+        if not 0.0 < self.knn_skip_above_prob <= 1.0:
+            raise ValueError(f"{self.knn_skip_above_prob=} must be in (0, 1]")
+        if not 0 <= self.knn_pointer_min <= self.max_knn_k:
+            raise ValueError(f"{self.knn_pointer_min=} must be in [0, {self.max_knn_k=}]")
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +89,11 @@ class Engine:
         device = device or detect_device()
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
         dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
-        token_datastore, knn_args = None, {}
+        token_datastore, knn_args, knn_stats_file = None, {}, None
         if config.token_datastore is not None:
-            token_datastore, hf_overrides = open_token_datastore(config)
+            handle, knn_stats_file = tempfile.mkstemp(prefix="retroserve-knn-stats-", suffix=".json")
+            os.close(handle)
+            token_datastore, hf_overrides = open_token_datastore(config, stats_file=knn_stats_file)
             # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
             # are token-mode requests (server/knn_model.py); V2 (CUDA) uses the model's ModelState.
             knn_args = {"hf_overrides": hf_overrides}
@@ -116,11 +120,27 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(served_dir)
         log.info("engine ready: %s (%s, %s) on %s%s", config.model_dir, served_what, dtype, device,
                  f", token datastore {config.token_datastore}" if token_datastore else "")
-        return cls(llm, tokenizer, config, served_dir, served_what, device, dtype, token_datastore)
+        engine = cls(llm, tokenizer, config, served_dir, served_what, device, dtype, token_datastore)
+        engine.knn_stats_file = knn_stats_file
+        return engine
 
     @property
     def has_token_datastore(self) -> bool:
         return self.token_datastore is not None
+
+    knn_stats_file: str | None = None
+    """JSON the engine process's kNN model class rewrites after every kNN step (KnnStats)."""
+
+    def knn_stats(self) -> dict:
+        """The engine process's kNN-LM counters since start (server/knn_model.py KnnStats.as_dict:
+        rows, searched_rows, pointer_rows, skipped_rows, searches, fractions); {} before any."""
+        if not self.knn_stats_file:
+            return {}
+        try:
+            text = Path(self.knn_stats_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        return json.loads(text) if text.strip() else {}
 
     @property
     def errored(self) -> bool:
@@ -207,9 +227,12 @@ class Engine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+        if self.knn_stats_file:
+            Path(self.knn_stats_file).unlink(missing_ok=True)
+            Path(f"{self.knn_stats_file}.tmp").unlink(missing_ok=True)
 
 
-def open_token_datastore(config: EngineConfig):
+def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
     """(TokenDatastore, hf_overrides) for an engine serving `config.token_datastore`.
 
     Opened here first, in the server process, so a datastore of another model is refused before
@@ -228,6 +251,8 @@ def open_token_datastore(config: EngineConfig):
     )
     knn_plugin.ensure_registered_via_entry_point()
     settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp}
+    if stats_file:
+        settings["stats_file"] = stats_file
     overrides = {"architectures": [KNN_ARCHITECTURE], HF_CONFIG_KEY: json.dumps(settings)}
     return datastore, overrides
 

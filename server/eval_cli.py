@@ -99,8 +99,10 @@ def settings_grid(args) -> list:
     for k, stride, query, layout in itertools.product(args.k, args.stride, args.query_tokens, args.layout):
         grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout))
     if getattr(args, "token_datastore", None):
-        for lam, k, temperature in itertools.product(args.knn_lambda, args.knn_k, args.knn_temperature):
-            grid.append(EvalSettings(mode="token", knn_lambda=lam, knn_k=k, knn_temperature=temperature))
+        for lam, k, temperature, skip, pointers in itertools.product(
+                args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob, args.knn_pointer_min):
+            grid.append(EvalSettings(mode="token", knn_lambda=lam, knn_k=k, knn_temperature=temperature,
+                                     knn_skip_above_prob=skip, knn_pointer_min=pointers))
     return grid
 
 
@@ -422,6 +424,10 @@ def add_eval_commands(groups) -> None:
     run.add_argument("--knn-lambda", type=float, nargs="+", default=[0.25], help="token mode λ (grid)")
     run.add_argument("--knn-k", type=int, nargs="+", default=[16], help="token mode neighbours (grid)")
     run.add_argument("--knn-temperature", type=float, nargs="+", default=[10.0], help="token mode T (grid)")
+    run.add_argument("--knn-skip-above-prob", type=float, nargs="+", default=[1.0],
+                     help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")
+    run.add_argument("--knn-pointer-min", type=int, nargs="+", default=[0],
+                     help="token mode pointer following minimum (grid; 0: off)")
     _add_scoring_arguments(run)
     run.set_defaults(func=_handles_errors(run_run))
 

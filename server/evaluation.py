@@ -60,17 +60,24 @@ class EvalSettings:
     knn_lambda: float = 0.25
     knn_k: int = 16
     knn_temperature: float = 10.0
+    knn_skip_above_prob: float = 1.0
+    """Token mode: adaptive retrieval threshold (1: always search)."""
+    knn_pointer_min: int = 0
+    """Token mode: pointer following minimum (0: off)."""
 
     def knn(self) -> KnnRequestSettings | None:
         if self.mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature)
+        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
+                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
 
     def label(self) -> str:
         if self.mode == "none":
             return "model alone"
         if self.mode == "token":
-            return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}"
+            speed = (f" skip>{self.knn_skip_above_prob:g}" if self.knn_skip_above_prob < 1 else "") + (
+                f" pointers>={self.knn_pointer_min}" if self.knn_pointer_min else "")
+            return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
         layout = "" if self.layout == "prepend" else f" {self.layout}"
         return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}"
 

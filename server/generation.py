@@ -104,12 +104,15 @@ class LoopSettings:
     knn_lambda: float = 0.25
     knn_k: int = 16
     knn_temperature: float = 10.0
+    knn_skip_above_prob: float = 1.0
+    knn_pointer_min: int = 0
 
     def knn_settings(self) -> KnnRequestSettings | None:
         """Token mode's per-request settings for the engine (None in other modes)."""
         if self.retrieval_mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature)
+        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
+                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
 
 
 class Generator:

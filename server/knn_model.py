@@ -34,6 +34,21 @@ processors, and never runs processors for prompt log-probs, so neither `logprobs
 would see the mixture. If neither hook reports a layout while token-mode requests exist,
 compute_logits raises rather than silently serving the plain LM.
 
+Speed techniques (server/knn_speed.py), per request in KnnRequestSettings:
+- adaptive retrieval (`skip_above_prob`): rows whose LM max probability is above it keep the raw
+  logits and are not searched;
+- pointer following (`pointer_min`, RetoMaton): each request's `_Slot` (which moves with it in the
+  persistent batch) keeps the previous position's neighbour ids; a row's observed token is the
+  forward's input id at that row's token (the sampled token for decode rows, the next prompt token
+  for prompt-log-prob rows), and the previous neighbours that predicted it, advanced along
+  next.npy, are the row's neighbours when at least `pointer_min` remain (distances recomputed
+  exactly from the stored keys). Prompt rows of a request form one chain processed in order;
+  a gap (a skipped row) starts a new chain;
+- merge counts (a greedy-merged datastore's counts.npy) add log(count) to each neighbour's score.
+`KnnStats` counts rows searched, followed and skipped; when the engine settings name a
+`stats_file` it is rewritten (JSON, atomically) after every kNN step, which the server process
+reads (server/engine.py `Engine.knn_stats`).
+
 Registration: server/knn_plugin.py registers the class from a `vllm.general_plugins` entry point
 (pyproject.toml); the server selects it with `hf_overrides={"architectures": [KNN_ARCHITECTURE],
 HF_CONFIG_KEY: json}` (server/engine.py), which also carries the datastore path into the engine
@@ -42,6 +57,7 @@ process. No vLLM file or forward is patched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +73,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from server import knn_speed
 from server.knn_settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KnnRequestSettings
 
 log = logging.getLogger(__name__)
@@ -66,6 +83,8 @@ log = logging.getLogger(__name__)
 class _Slot:
     settings: KnnRequestSettings
     prompt_logprobs: bool
+    pointer: knn_speed.PointerState | None = None
+    """Pointer following: the neighbours of this request's latest searched-or-followed position."""
 
 
 @dataclass
@@ -157,9 +176,24 @@ class KnnStats:
 
     steps: int = 0
     rows: int = 0
+    """Token-mode rows seen (each one position of one request)."""
     searches: int = 0
+    """FAISS search calls (each over a batch of rows)."""
+    searched_rows: int = 0
+    """Rows whose neighbours came from a search."""
+    pointer_rows: int = 0
+    """Rows whose neighbours came from pointers (a search avoided)."""
+    skipped_rows: int = 0
+    """Rows adaptive retrieval left to the LM (no neighbours)."""
     search_s: float = 0.0
     mix_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["skipped_fraction"] = self.skipped_rows / self.rows if self.rows else 0.0
+        used = self.searched_rows + self.pointer_rows
+        out["pointer_fraction"] = self.pointer_rows / used if used else 0.0
+        return out
 
 
 LOG_EVERY_S = 30.0
@@ -195,6 +229,10 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         self._forward_output: torch.Tensor | None = None
         self._last_log = time.monotonic()
         self._captures = 0
+        self._stats_file = settings.get("stats_file")
+        self._input_ids: torch.Tensor | None = None
+        self._forward_calls = 0
+        self._key_distances: knn_speed.KeyDistances | None = None
 
     def get_model_state_cls(self):
         self.knn_state_attached = True
@@ -203,6 +241,8 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if not self.knn_state_attached:
             self.knn_step = self._v1_layout()  # V1 runner; under V2, KnnModelState set it already
+        self._forward_calls += 1
+        self._input_ids = input_ids  # pointer following: the token observed at each row
         output = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         # Kept (a reference, no copy) so compute_logits can recognise prompt-log-prob slices of it.
         self._forward_output = output if isinstance(output, torch.Tensor) else None
@@ -278,18 +318,53 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         from kernels.knn_interpolation import knn_interpolate
 
         started = time.perf_counter()
-        slots = [step.slots[request_of_row[row]] for row in active]
-        k_max = max(slot.settings.k for slot in slots)
-        queries = hidden_states[torch.as_tensor(active, device=hidden_states.device)].float().cpu().numpy()
-        found = self.datastore.search(queries, k_max)
-        searched = time.perf_counter()
-        values = found.values.copy()
-        distances = found.distances.astype(np.float32)
-        for i, slot in enumerate(slots):
-            values[i, slot.settings.k:] = -1  # rows asking fewer neighbours ignore the rest
-            distances[i] /= slot.settings.temperature  # per-row temperature; the kernel then uses T = 1
-        lam = torch.tensor([slot.settings.lam for slot in slots], dtype=torch.float32)
+        stats = self.knn_stats
+        stats.steps += 1
+        stats.rows += len(active)
         device = logits.device
+        slots = [step.slots[request_of_row[row]] for row in active]
+        thresholds = np.array([slot.settings.skip_above_prob for slot in slots], dtype=np.float32)
+        if (thresholds < 1.0).any():  # adaptive retrieval: confident rows keep their raw logits
+            skip = knn_speed.confident_rows(logits[torch.as_tensor(active, device=device)],
+                                            torch.from_numpy(thresholds)).cpu().numpy()
+            stats.skipped_rows += int(skip.sum())
+            active = active[~skip]
+            slots = [slot for slot, skipped in zip(slots, skip) if not skipped]
+            if not len(active):
+                self._publish_stats()
+                return logits
+        queries = hidden_states[torch.as_tensor(active, device=hidden_states.device)].float().cpu().numpy()
+        row_tokens = tokens[active]
+        positions = step.positions.cpu().numpy()[row_tokens] if step.positions is not None else row_tokens
+        k = np.array([slot.settings.k for slot in slots])
+        pointer_min = np.array([slot.settings.pointer_min for slot in slots])
+        requests = request_of_row[active]
+        chain = np.zeros(len(active), dtype=np.int64)
+        start_ids = {}
+        if pointer_min.any():
+            observed = self._input_ids.cpu().numpy()[row_tokens]
+            # A chain: consecutive positions of one request (prompt rows in order; one decode row).
+            new_chain = np.ones(len(active), dtype=bool)
+            new_chain[1:] = (requests[1:] != requests[:-1]) | (positions[1:] != positions[:-1] + 1)
+            chain = np.cumsum(new_chain) - 1
+            for i in np.nonzero(new_chain)[0]:
+                state = slots[i].pointer
+                if state is not None and state.position == positions[i] - 1:
+                    start_ids[int(chain[i])] = state.ids
+            if self._key_distances is None:
+                self._key_distances = knn_speed.KeyDistances(self.datastore.index)
+        else:
+            observed = np.zeros(len(active), dtype=np.int64)
+        found = knn_speed.find_neighbours(self.datastore, queries, k, pointer_min, chain, observed, start_ids,
+                                          self._key_distances)
+        if pointer_min.any():
+            self._remember_pointers(slots, positions, found)
+        searched = time.perf_counter()
+        values = self.datastore.lookup_values(found.ids)
+        distances = found.distances / np.array([slot.settings.temperature for slot in slots],
+                                               dtype=np.float32)[:, None]  # per-row T; the kernel uses T = 1
+        log_counts = knn_speed.log_counts(self.datastore.counts, found.ids)
+        lam = torch.tensor([slot.settings.lam for slot in slots], dtype=torch.float32)
         active_t = torch.as_tensor(active, device=device)
         mixed = knn_interpolate(
             logits[active_t],
@@ -297,6 +372,7 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
             torch.from_numpy(values).to(device),
             temperature=1.0,
             lam=lam.to(device),
+            log_counts=None if log_counts is None else torch.from_numpy(log_counts).to(device),
             metric="l2",
             validate=False,
         )
@@ -307,19 +383,39 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         use = (lam > 0).to(device)
         out[active_t[use]] = mixed[use]
         if any(slot.settings.capture_dir for slot in slots):
-            positions = step.positions.cpu().numpy()[tokens[active]] if step.positions is not None else tokens[active]
             self._capture(slots, queries, positions, found)
-        stats = self.knn_stats
-        stats.steps += 1
-        stats.rows += len(active)
-        stats.searches += 1
+        stats.searches += found.searches
+        stats.searched_rows += int(found.searched.sum())
+        stats.pointer_rows += int((~found.searched).sum())
         stats.search_s += searched - started
         stats.mix_s += time.perf_counter() - searched
-        if time.monotonic() - self._last_log > LOG_EVERY_S:
-            self._last_log = time.monotonic()
-            log.info("kNN-LM: %d searches, %d rows, search %.1f ms/step, mix %.1f ms/step", stats.searches,
-                     stats.rows, 1e3 * stats.search_s / stats.searches, 1e3 * stats.mix_s / stats.searches)
+        self._publish_stats()
         return out
+
+    def _remember_pointers(self, slots, positions, found) -> None:
+        """Keep each request's neighbours of its highest position this step for the next step (the
+        V1 runner scores a request's sampling row before its prompt rows, in separate calls)."""
+        for i, slot in enumerate(slots):
+            if slot.settings.pointer_min <= 0:
+                continue
+            state = slot.pointer
+            position = int(positions[i])
+            if state is None or state.step != self._forward_calls or position >= state.position:
+                ids = found.ids[i]
+                slot.pointer = knn_speed.PointerState(position, ids[ids >= 0].copy(), self._forward_calls)
+
+    def _publish_stats(self) -> None:
+        stats = self.knn_stats
+        if self._stats_file:
+            tmp = f"{self._stats_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(stats.as_dict(), handle)
+            os.replace(tmp, self._stats_file)
+        if time.monotonic() - self._last_log > LOG_EVERY_S and stats.steps:
+            self._last_log = time.monotonic()
+            log.info("kNN-LM: %d rows (%d searched, %d by pointers, %d skipped), %d searches, search %.1f ms/step, "
+                     "mix %.1f ms/step", stats.rows, stats.searched_rows, stats.pointer_rows, stats.skipped_rows,
+                     stats.searches, 1e3 * stats.search_s / stats.steps, 1e3 * stats.mix_s / stats.steps)
 
     def _capture(self, slots, queries, positions, found) -> None:
         for directory in {slot.settings.capture_dir for slot in slots if slot.settings.capture_dir}:

@@ -31,10 +31,19 @@ class KnnRequestSettings:
     capture_dir: str | None = None
     """Test/diagnostic hook (not reachable from the API): write every searched query, its
     position and neighbours to this directory as .npz files."""
+    skip_above_prob: float = 1.0
+    """Adaptive retrieval: a step whose LM max next-token probability is above this keeps the
+    plain LM distribution and is not searched; >= 1 never skips."""
+    pointer_min: int = 0
+    """Pointer following (RetoMaton): reuse the previous step's neighbours that predicted the
+    observed token, advanced to their corpus successors, when at least this many remain (no
+    search); 0 always searches."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0 or self.k < 1 or not self.temperature > 0:
             raise ValueError(f"invalid kNN-LM settings {self}: need lam in [0, 1], k >= 1, temperature > 0")
+        if not self.skip_above_prob > 0 or self.pointer_min < 0:
+            raise ValueError(f"invalid kNN-LM settings {self}: need skip_above_prob > 0, pointer_min >= 0")
 
     def to_extra_args(self) -> dict:
         return {EXTRA_ARGS_KEY: asdict(self)}

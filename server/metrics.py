@@ -76,6 +76,11 @@ class Metrics:
     Prefix cache (hit rate = cached / engine prompt tokens):
       engine_prompt_tokens     Counter   retroserve_engine_prompt_tokens_total  (re-prefills included)
       prefix_cache_cached_tokens Counter retroserve_prefix_cache_cached_tokens_total
+    Token mode (kNN-LM; read from the engine process's KnnStats at scrape time, `watch_knn`):
+      knn rows                 Counter   retroserve_knn_rows_total{how}  (how = searched | pointer |
+                                         skipped: neighbours from a search, from pointers, or none
+                                         because adaptive retrieval left the row to the model)
+      knn searches             Counter   retroserve_knn_searches_total   (FAISS calls, batched)
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -154,6 +159,12 @@ class Metrics:
             self.cache_hits.labels(kind=kind)
         for outcome in SWAP_OUTCOMES:
             self.datastore_swaps.labels(outcome=outcome)
+
+    def watch_knn(self, read_stats) -> None:
+        """Expose the kNN-LM counters `read_stats()` returns (server/engine.py Engine.knn_stats)."""
+        collector = _KnnCollector(read_stats)
+        self.registry.register(collector)
+        self._collectors.append(collector)
 
     def close(self) -> None:
         """Unregister from the registry, so a later server in the same process can register."""
@@ -240,6 +251,28 @@ class Metrics:
             self.cache_hits.labels(kind="approximate").inc(approximate_hits)
         if misses:
             self.cache_misses.inc(misses)
+
+
+class _KnnCollector:
+    """Counters kept by the kNN model class inside vLLM's engine process, read when scraped."""
+
+    def __init__(self, read_stats):
+        self.read_stats = read_stats
+
+    def describe(self):
+        return []  # names are not fixed before the first collect; nothing to check at register time
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = self.read_stats() or {}
+        rows = CounterMetricFamily(f"{PREFIX}_knn_rows", "Token-mode rows by how their neighbours were found.",
+                                   labels=["how"])
+        for how, key in (("searched", "searched_rows"), ("pointer", "pointer_rows"), ("skipped", "skipped_rows")):
+            rows.add_metric([how], float(stats.get(key, 0)))
+        yield rows
+        yield CounterMetricFamily(f"{PREFIX}_knn_searches", "Token datastore search calls (batched).",
+                                  value=float(stats.get("searches", 0)))
 
 
 class RetrieverMetrics:

@@ -38,6 +38,8 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         knn_k=defaults.knn_k,
         max_knn_k=defaults.max_knn_k,
         knn_temperature=defaults.knn_temperature,
+        knn_skip_above_prob=defaults.knn_skip_above_prob,
+        knn_pointer_min=defaults.knn_pointer_min,
     )
 
 

@@ -104,12 +104,16 @@ class GenerationRequest:
     """Token mode: λ of λ·p_kNN + (1-λ)·p_LM."""
     knn_k: int = 16
     knn_temperature: float = 10.0
+    knn_skip_above_prob: float = 1.0
+    """Token mode: skip the search on steps whose LM max probability is above this (1: never)."""
+    knn_pointer_min: int = 0
+    """Token mode: follow pointers when at least this many remain (0: off)."""
 
     LOOP_FIELDS = (
         "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
         "query_tokens", "layout", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
-        "knn_temperature",
+        "knn_temperature", "knn_skip_above_prob", "knn_pointer_min",
     )
 
     @property
@@ -188,6 +192,14 @@ class GenerationRequest:
         if not knn_temperature > 0:
             raise InvalidArgument("retrieval.knn_temperature",
                                   f"retrieval.knn_temperature={_show(knn_temperature)} must be > 0")
+        knn_skip_above_prob = _optional(retrieval, "knn_skip_above_prob", defaults.knn_skip_above_prob)
+        _check_finite("retrieval.knn_skip_above_prob", knn_skip_above_prob)
+        if not 0.0 < knn_skip_above_prob <= 1.0:
+            raise InvalidArgument("retrieval.knn_skip_above_prob",
+                                  f"retrieval.knn_skip_above_prob={_show(knn_skip_above_prob)} must be in (0, 1] "
+                                  "(1 = never skip)")
+        knn_pointer_min = _optional(retrieval, "knn_pointer_min", defaults.knn_pointer_min)
+        _check_range("retrieval.knn_pointer_min", knn_pointer_min, 0, defaults.max_knn_k, note=" (0 = off)")
 
         prompt_token_count = None
         if context.count_tokens is not None:
@@ -222,6 +234,8 @@ class GenerationRequest:
             knn_lambda=float(knn_lambda),
             knn_k=knn_k,
             knn_temperature=float(knn_temperature),
+            knn_skip_above_prob=float(knn_skip_above_prob),
+            knn_pointer_min=knn_pointer_min,
         )
 
 

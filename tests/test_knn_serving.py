@@ -253,3 +253,44 @@ def test_eval_scores_token_mode(knn_server, token_datastore, corpus_dir):
     alone = knn_server.call(evaluator.evaluate(documents, EvalSettings(mode="none")), timeout=300)
     token = knn_server.call(evaluator.evaluate(documents, EvalSettings(mode="token", knn_lambda=0.5)), timeout=300)
     assert token.bits_per_byte < alone.bits_per_byte  # the scored text is in the datastore
+
+
+def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_path):
+    """Pointers that can never be enough change nothing; pointers on the datastore's own text
+    avoid most searches; adaptive retrieval leaves exactly the rows it skips to the model."""
+    from server.knn_settings import KnnRequestSettings
+
+    engine = knn_server.running.engine
+    ids, _, _ = _corpus_document(token_datastore, 2)
+    prompt = ids[:150]
+    plain_settings = dict(lam=LAMBDA_HIGH, k=16, temperature=10.0)
+    plain = _segment(knn_server, prompt, "speed-plain", knn=KnnRequestSettings(**plain_settings), max_tokens=8,
+                     prompt_logprobs=True)
+    huge = _segment(knn_server, prompt, "speed-huge", max_tokens=8, prompt_logprobs=True,
+                    knn=KnnRequestSettings(**plain_settings, pointer_min=10**6))
+    assert huge == plain
+
+    before = engine.knn_stats()
+    pointers = _segment(knn_server, prompt, "speed-pointers", max_tokens=8, prompt_logprobs=True,
+                        knn=KnnRequestSettings(**plain_settings, pointer_min=1))
+    after = engine.knn_stats()
+    followed = after["pointer_rows"] - before["pointer_rows"]
+    searched = after["searched_rows"] - before["searched_rows"]
+    print(f"pointers: {followed} rows followed, {searched} searched")
+    # The prompt is the datastore's own text: its own entries chain through it.
+    assert followed + searched >= len(prompt) and followed > 0.8 * (followed + searched)
+    alone = _segment(knn_server, prompt, "speed-alone", max_tokens=8, prompt_logprobs=True)
+    assert sum(pointers[1][1:]) > sum(alone[1][1:])  # still far better than the model alone on its own text
+
+    capture = tmp_path / "capture"
+    adaptive = _segment(knn_server, prompt, "speed-adaptive", prompt_logprobs=True, knn=KnnRequestSettings(
+        **plain_settings, skip_above_prob=0.5, capture_dir=str(capture)))
+    searched_positions = set()
+    for path in capture.glob("*.npz"):
+        searched_positions |= {int(p) for p in np.load(path)["positions"]}
+    skipped = [i for i in range(1, len(prompt)) if i - 1 not in searched_positions]
+    kept = [i for i in range(1, len(prompt)) if i - 1 in searched_positions]
+    print(f"adaptive: {len(skipped)} of {len(prompt) - 1} prompt rows skipped")
+    assert skipped and kept
+    assert [adaptive[1][i] for i in skipped] == [alone[1][i] for i in skipped]
+    assert [adaptive[1][i] for i in kept] == [plain[1][i] for i in kept]

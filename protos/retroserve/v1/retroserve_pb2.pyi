@@ -105,7 +105,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., time_limit_ms: _Optional[int] = ..., include_stop_sequence: _Optional[bool] = ...) -> None: ...
 
 class RetrievalParameters(_message.Message):
-    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy", "knn_lambda", "knn_k", "knn_temperature")
+    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy", "knn_lambda", "knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,8 @@ class RetrievalParameters(_message.Message):
     KNN_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     KNN_K_FIELD_NUMBER: _ClassVar[int]
     KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    KNN_SKIP_ABOVE_PROB_FIELD_NUMBER: _ClassVar[int]
+    KNN_POINTER_MIN_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     stride: int
@@ -126,7 +128,9 @@ class RetrievalParameters(_message.Message):
     knn_lambda: float
     knn_k: int
     knn_temperature: float
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ...) -> None: ...
+    knn_skip_above_prob: float
+    knn_pointer_min: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ...) -> None: ...
 
 class MissingShard(_message.Message):
     __slots__ = ("shard_index", "address", "reason")
@@ -405,7 +409,7 @@ class LimitsInfo(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
-    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature")
+    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -421,6 +425,8 @@ class RetrievalDefaultsInfo(_message.Message):
     KNN_K_FIELD_NUMBER: _ClassVar[int]
     MAX_KNN_K_FIELD_NUMBER: _ClassVar[int]
     KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    KNN_SKIP_ABOVE_PROB_FIELD_NUMBER: _ClassVar[int]
+    KNN_POINTER_MIN_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     max_neighbours: int
@@ -436,7 +442,9 @@ class RetrievalDefaultsInfo(_message.Message):
     knn_k: int
     max_knn_k: int
     knn_temperature: float
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ...) -> None: ...
+    knn_skip_above_prob: float
+    knn_pointer_min: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version", "token_datastore")

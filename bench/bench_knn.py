@@ -1,0 +1,234 @@
+"""kNN-LM speed benchmark: bits per byte and greedy-generation throughput of the model alone, plain
+kNN-LM and each speed technique (issue 5), in one table.
+
+Rows: model alone; kNN-LM; adaptive retrieval (--skip-above-prob); pointer following
+(--pointer-min); both together; and, when given, a greedy-merged datastore (--merged-datastore,
+`retroserve datastore prune --mode token`) and a PCA datastore (--pca-datastore, built with
+`datastore build --mode token --pca N`), each as plain kNN-LM on its own engine. Per row: bits per
+byte on the held-out split (as `retroserve eval run --token-datastore` scores it: one request per
+document, prompt log-probs through the engine's kNN model class), the fraction of token-mode rows
+whose search was skipped (adaptive) or avoided (pointers) while scoring and while generating
+(the engine's KnnStats), and output tokens/s of greedy generation at each --concurrency (prompts:
+the first --prompt-chars of held-out documents; generation may stop early at EOS, so tokens are
+counted, not assumed). Everything runs in this process through server/engine.py, like `eval run`.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_knn.py --split runs/pydocs/split.json \\
+        --token-datastore DIR [--merged-datastore DIR] [--pca-datastore DIR] --output runs/knn-bench.json
+    # tiny: --max-docs 2 --max-doc-chars 400 --max-tokens 8 --requests 2 --concurrency 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("bench_knn")
+
+
+@dataclass
+class Scenario:
+    name: str
+    datastore: str  # "main", "merged" or "pca": which engine serves it
+    mode: str  # "none" or "token"
+    skip_above_prob: float = 1.0
+    pointer_min: int = 0
+
+
+@dataclass
+class Row:
+    scenario: str
+    datastore: str
+    entries: int
+    bits_per_byte: float
+    relative_to_knn: float | None
+    """bits per byte relative to plain kNN-LM on the main datastore (0.01 = 1% worse)."""
+    eval_skipped_fraction: float
+    eval_pointer_fraction: float
+    tokens_per_s: dict[int, float] = field(default_factory=dict)
+    """Output tokens/s of greedy generation per concurrency."""
+    throughput_vs_model: dict[int, float] = field(default_factory=dict)
+    gen_skipped_fraction: float = 0.0
+    gen_pointer_fraction: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def scenarios(args) -> list[Scenario]:
+    out = [Scenario("model alone", "main", "none"), Scenario("kNN-LM", "main", "token"),
+           Scenario(f"adaptive skip>{args.skip_above_prob:g}", "main", "token", skip_above_prob=args.skip_above_prob),
+           Scenario(f"pointers>={args.pointer_min}", "main", "token", pointer_min=args.pointer_min),
+           Scenario(f"adaptive+pointers", "main", "token", skip_above_prob=args.skip_above_prob,
+                    pointer_min=args.pointer_min)]
+    if args.merged_datastore:
+        out.append(Scenario("greedy-merged", "merged", "token"))
+        out.append(Scenario(f"greedy-merged+pointers>={args.pointer_min}", "merged", "token",
+                            pointer_min=args.pointer_min))
+    if args.pca_datastore:
+        out.append(Scenario("PCA", "pca", "token"))
+    return out
+
+
+def knn_settings(args, scenario: Scenario):
+    from server.knn_settings import KnnRequestSettings
+
+    if scenario.mode != "token":
+        return None
+    return KnnRequestSettings(lam=args.knn_lambda, k=args.knn_k, temperature=args.knn_temperature,
+                              skip_above_prob=scenario.skip_above_prob, pointer_min=scenario.pointer_min)
+
+
+def _delta(after: dict, before: dict) -> tuple[float, float]:
+    """(skipped fraction, pointer fraction) of the rows between two KnnStats snapshots."""
+    get = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    rows, used = get("rows"), get("searched_rows") + get("pointer_rows")
+    return (get("skipped_rows") / rows if rows else 0.0), (get("pointer_rows") / used if used else 0.0)
+
+
+async def throughput(engine, prompts: list[list[int]], knn, concurrency: int, max_tokens: int, tag: str) -> float:
+    """Output tokens/s of greedy generation, `concurrency` requests in flight until `prompts` are done."""
+    from server.engine import SegmentSampling
+
+    queue = list(enumerate(prompts))
+    produced = 0
+
+    async def worker() -> None:
+        nonlocal produced
+        while queue:
+            number, prompt = queue.pop()
+            sampling = SegmentSampling(max_tokens=max_tokens, knn=knn)
+            async for delta in engine.generate_segment(prompt, sampling, f"bench-{tag}-{concurrency}-{number}"):
+                produced += len(delta.token_ids)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return produced / (time.perf_counter() - started)
+
+
+async def run_engine(args, datastore: Path, runs: list[Scenario], documents, model_dir: Path) -> list[Row]:
+    from server.config import EngineConfig
+    from server.engine import Engine
+    from server.evaluation import EvalSettings, Evaluator
+
+    loop = asyncio.get_running_loop()
+    config = EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                          max_num_seqs=max(args.concurrency), token_datastore=datastore)
+    engine = await loop.run_in_executor(None, Engine.start, config)
+    rows = []
+    try:
+        evaluator = Evaluator(engine, max_doc_chars=args.max_doc_chars, concurrency=args.eval_concurrency)
+        tokenizer = engine.tokenizer
+        count = max(args.requests, max(args.concurrency))
+        texts = [documents[i % len(documents)].text[: args.prompt_chars] for i in range(count)]
+        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        await throughput(engine, prompts[:2], None, 1, 2, "warmup")
+        for scenario in runs:
+            knn = knn_settings(args, scenario)
+            settings = EvalSettings(mode=scenario.mode, knn_lambda=args.knn_lambda, knn_k=args.knn_k,
+                                    knn_temperature=args.knn_temperature, knn_skip_above_prob=scenario.skip_above_prob,
+                                    knn_pointer_min=scenario.pointer_min)
+            before = engine.knn_stats()
+            started = time.perf_counter()
+            result = await evaluator.evaluate(documents, settings)
+            eval_seconds = time.perf_counter() - started
+            eval_skip, eval_pointer = _delta(engine.knn_stats(), before)
+            row = Row(scenario.name, scenario.datastore, engine.token_datastore.ntotal, result.bits_per_byte, None,
+                      eval_skip, eval_pointer, eval_seconds=eval_seconds)
+            before = engine.knn_stats()
+            for concurrency in args.concurrency:
+                row.tokens_per_s[concurrency] = await throughput(
+                    engine, prompts[: max(args.requests, concurrency)], knn, concurrency, args.max_tokens,
+                    scenario.name.replace(" ", "_"))
+            row.gen_skipped_fraction, row.gen_pointer_fraction = _delta(engine.knn_stats(), before)
+            log.info("%s: %.4f bits/byte, %s tok/s", scenario.name, row.bits_per_byte,
+                     {c: round(v, 1) for c, v in row.tokens_per_s.items()})
+            rows.append(row)
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def print_table(rows: list[Row], concurrency: list[int], out=sys.stdout) -> None:
+    head = (f"{'scenario':<28} {'entries':>9} {'bits/byte':>9} {'vs kNN':>7} {'eval skip':>9} {'eval ptr':>8} "
+            f"{'gen skip':>8} {'gen ptr':>7} " + " ".join(f"{f'tok/s c={c}':>11} {'x model':>7}" for c in concurrency))
+    print(head, file=out)
+    for row in rows:
+        relative = "" if row.relative_to_knn is None else f"{100 * row.relative_to_knn:+.2f}%"
+        line = (f"{row.scenario:<28} {row.entries:>9} {row.bits_per_byte:>9.4f} {relative:>7} "
+                f"{row.eval_skipped_fraction:>9.1%} {row.eval_pointer_fraction:>8.1%} "
+                f"{row.gen_skipped_fraction:>8.1%} {row.gen_pointer_fraction:>7.1%} ")
+        line += " ".join(f"{row.tokens_per_s.get(c, float('nan')):>11.1f} {row.throughput_vs_model.get(c, float('nan')):>7.2f}"
+                         for c in concurrency)
+        print(line, file=out)
+
+
+async def main_async(args) -> list[Row]:
+    from server import paths
+    from server.eval_cli import heldout_documents, read_split
+
+    model_dir = Path(args.model) if args.model else paths.default_model_dir()
+    documents = heldout_documents(read_split(args.split)["heldout"], args.max_docs)
+    all_runs = scenarios(args)
+    stores = {"main": args.token_datastore, "merged": args.merged_datastore, "pca": args.pca_datastore}
+    rows: list[Row] = []
+    for name, path in stores.items():
+        runs = [s for s in all_runs if s.datastore == name]
+        if path and runs:
+            rows += await run_engine(args, Path(path), runs, documents, model_dir)
+    knn = next(r for r in rows if r.scenario == "kNN-LM")
+    model = next(r for r in rows if r.scenario == "model alone")
+    for row in rows:
+        if row.scenario != "model alone":
+            row.relative_to_knn = row.bits_per_byte / knn.bits_per_byte - 1
+        row.throughput_vs_model = {c: v / model.tokens_per_s[c] for c, v in row.tokens_per_s.items()}
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", type=Path, required=True, help="split.json from `retroserve eval split`")
+    parser.add_argument("--token-datastore", type=Path, required=True)
+    parser.add_argument("--merged-datastore", type=Path, default=None, help="greedy-merged token datastore")
+    parser.add_argument("--pca-datastore", type=Path, default=None, help="token datastore built with --pca")
+    parser.add_argument("--model", type=Path, default=None, help="prepared model (default: the cache's)")
+    parser.add_argument("--max-docs", type=int, default=None, help="held-out documents scored (default: all)")
+    parser.add_argument("--max-doc-chars", type=int, default=4096, help="characters scored per document")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per throughput request")
+    parser.add_argument("--prompt-chars", type=int, default=600, help="prompt characters per throughput request")
+    parser.add_argument("--requests", type=int, default=32, help="throughput requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--eval-concurrency", type=int, default=4, help="documents scored at once")
+    parser.add_argument("--knn-lambda", type=float, default=0.25)
+    parser.add_argument("--knn-k", type=int, default=16)
+    parser.add_argument("--knn-temperature", type=float, default=10.0)
+    parser.add_argument("--skip-above-prob", type=float, default=0.9, help="adaptive retrieval threshold")
+    parser.add_argument("--pointer-min", type=int, default=4, help="pointer following minimum")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--output", type=Path, default=None, help="write rows and arguments as JSON")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    rows = asyncio.run(main_async(args))
+    print_table(rows, args.concurrency)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "rows": [asdict(row) for row in rows]}
+        args.output.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""`datastore prune --mode token`: greedy-merge pruning of a token (kNN-LM) datastore.
+
+Efficient kNN-LM (He et al. 2021): entries are visited in id order; each entry not yet merged
+absorbs those of its k nearest entries that come after it, are not yet merged and share its next
+token. The new datastore keeps one entry per group (the visited one: its key, value and document)
+with `counts.npy` = how many original entries it stands for; serving adds log(count) to its kNN
+score (server/knn_speed.py `log_counts`). Entries merged away never absorb others, so every group
+is its representative plus some of the representative's neighbours, all with its next token.
+
+Pointers (`next.npy`) are remapped: a kept entry's successor becomes the representative of its
+original successor (same next token, a near key), -1 stays -1. The successors of merged-away
+entries are lost (RetoMaton's clustering keeps several per group; not done here).
+
+Keys are read back from the index: exact for Flat (the default below 1M entries), decoded codes
+for PQ/SQ, the PCA-space key mapped back to full size for a PCA chain (then the new index retrains
+its PCA on those). The manifest records which. Publishing is atomic (datastore_tools/publish.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from datastore_tools import index_factory, publish
+from datastore_tools.errors import DatastoreToolError
+from datastore_tools.manifest import write_manifest
+from retriever import format as fmt
+from retriever import token_datastore as tds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergePlan:
+    keep: np.ndarray
+    """int64 sorted ids of the entries kept (one per group)."""
+    representative: np.ndarray
+    """int64 [n]: the kept entry each original entry was merged into (itself when kept)."""
+    counts: np.ndarray
+    """int64 [len(keep)]: original entries each kept entry stands for."""
+
+
+def greedy_merge(neighbours: np.ndarray, values: np.ndarray, counts: np.ndarray | None = None) -> MergePlan:
+    """Greedy merge over precomputed neighbour lists.
+
+    neighbours: int64 [n, k] ids of each entry's nearest entries (itself may be among them; -1
+    padding). values: [n] next token per entry. counts: [n] weights of the entries (a datastore
+    already merged), default 1 each; the kept counts sum to counts.sum().
+    """
+    n = len(values)
+    values = np.asarray(values)
+    weight = np.ones(n, dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64).copy()
+    representative = np.arange(n, dtype=np.int64)
+    merged = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if merged[i]:
+            continue
+        row = neighbours[i]
+        # Later, unmerged, same next token; earlier unmerged entries are representatives already.
+        take = row[(row > i) & (values[np.clip(row, 0, None)] == values[i])]
+        take = take[~merged[take]]
+        if len(take):
+            take = np.unique(take)
+            merged[take] = True
+            representative[take] = i
+            weight[i] += weight[take].sum()
+    keep = np.nonzero(~merged)[0]
+    return MergePlan(keep, representative, weight[keep])
+
+
+def remap_pointers(next_ids: np.ndarray, plan: MergePlan) -> np.ndarray:
+    """next.npy of the merged datastore: kept entry -> new id of its successor's representative."""
+    new_id = np.full(len(plan.representative), -1, dtype=np.int64)
+    new_id[plan.keep] = np.arange(len(plan.keep))
+    following = np.asarray(next_ids, dtype=np.int64)[plan.keep]
+    return np.where(following >= 0, new_id[plan.representative[np.clip(following, 0, None)]], -1)
+
+
+def read_keys(index) -> tuple[np.ndarray, str]:
+    """All keys [ntotal, full dim] float32 as the index can give them back, and how (for the manifest)."""
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexPreTransform) else outer
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
+    try:
+        keys = outer.reconstruct_n(0, outer.ntotal)
+    except RuntimeError as error:
+        raise DatastoreToolError(f"cannot read keys back from a {type(inner).__name__} index ({error}); "
+                                 "greedy merge needs a Flat, IVF, PQ or SQ index") from error
+    how = "exact (Flat)" if isinstance(outer, faiss.IndexFlat) else f"reconstructed from {type(outer).__name__}"
+    return np.ascontiguousarray(keys, dtype=np.float32), how
+
+
+def neighbour_lists(index, keys: np.ndarray, k: int, batch: int = 4096) -> np.ndarray:
+    """int64 [n, k + 1]: each key's k + 1 nearest entries in `index` (itself usually first)."""
+    out = np.empty((len(keys), k + 1), dtype=np.int64)
+    for start in range(0, len(keys), batch):
+        _, ids = index.search(keys[start:start + batch], k + 1)
+        out[start:start + batch] = ids
+    return out
+
+
+def prune_token_datastore(source: str | Path, output: str | Path, *, k: int = 8, index: str | None = None,
+                          force: bool = False) -> dict:
+    """Greedy-merge `source` into `output`; returns the new manifest."""
+    if k < 1:
+        raise DatastoreToolError(f"--merge-k {k} must be >= 1")
+    output = Path(output)
+    store = tds.TokenDatastore.open(source)
+    started = time.perf_counter()
+    keys, keys_from = read_keys(store.index)
+    neighbours = neighbour_lists(store.index, keys, k)
+    plan = greedy_merge(neighbours, store.values, store.counts)
+    seconds = {"merge": time.perf_counter() - started}
+    manifest = json.loads(json.dumps(store.manifest))
+    factory = index or manifest["index"]["factory"]
+    pca = (manifest.get("pca") or {}).get("dim")
+    kept = keys[plan.keep]
+    built, info = index_factory.build_index(kept, factory, pca, search_params=manifest["index"].get("search_params"),
+                                           metric="l2")
+    seconds.update(info["seconds"])
+    with publish.staged(output, force) as stage:
+        faiss.write_index(built, str(stage / fmt.INDEX_FILE))
+        np.save(stage / tds.VALUES_FILE, np.asarray(store.values[plan.keep], dtype=np.int32))
+        np.save(stage / tds.NEXT_FILE, remap_pointers(store.next_ids, plan))
+        np.save(stage / tds.DOC_IDS_FILE, np.asarray(store.doc_ids[plan.keep], dtype=np.int32))
+        np.save(stage / tds.COUNTS_FILE, plan.counts.astype(np.int64))
+        (stage / tds.DOCS_FILE).write_text(json.dumps(store.docs, ensure_ascii=False))
+        manifest.pop("files", None)
+        manifest.update(name=output.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                        index=info["index"], pca=info["pca"], dims=info["dims"])
+        manifest["counts"] = {**manifest["counts"], "entries": int(len(plan.keep)),
+                              "original_entries": int(plan.counts.sum())}
+        manifest["merge"] = {"method": "greedy (He et al. 2021)", "k": k, "source": str(source),
+                             "entries_before": int(store.ntotal), "entries_after": int(len(plan.keep)),
+                             "keys": keys_from, "seconds": seconds}
+        manifest = write_manifest(stage, manifest)
+    log.info("greedy merge %s -> %s: %d -> %d entries", source, output, store.ntotal, len(plan.keep))
+    return manifest

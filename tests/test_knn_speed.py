@@ -1,0 +1,292 @@
+"""kNN-LM speed techniques on small seeded data, without vLLM: pointer following (RetoMaton),
+greedy-merge pruning, adaptive retrieval, merge-count weighting (server/knn_speed.py,
+datastore_tools/token_prune.py). Real FAISS indexes; references are fresh exact searches and
+float64 numpy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from datastore_tools.manifest import write_manifest
+from retriever import format as fmt
+from retriever import token_datastore as tds
+from retriever.token_datastore import TokenDatastore
+from server import knn_speed
+
+DIM = 16
+LENGTH = 40  # positions per document copy
+COPIES = 5
+
+
+def _store(keys, values, next_ids, factory="Flat", counts=None) -> TokenDatastore:
+    index = faiss.index_factory(keys.shape[1], factory, faiss.METRIC_L2)
+    index.train(keys)
+    index.add(keys)
+    n = len(keys)
+    return TokenDatastore(Path("."), {}, index, np.asarray(values, dtype=np.int64), np.asarray(next_ids),
+                          np.zeros(n, dtype=np.int32), [], counts)
+
+
+def _repeated_corpus(seed=0, noise=0.05):
+    """COPIES copies of one document: entry copy*LENGTH + t is position t of a copy; the keys of a
+    position are one base vector plus small noise per copy, so the COPIES nearest keys of a query at
+    position t are the copies of t, and pointers from t-1 lead exactly there."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(scale=3.0, size=(LENGTH, DIM)).astype(np.float32)
+    keys = np.concatenate([base + rng.normal(scale=noise, size=base.shape).astype(np.float32)
+                           for _ in range(COPIES)])
+    tokens = rng.integers(0, 50, size=LENGTH + 1)  # the document's tokens; value of position t = token t+1
+    values = np.tile(tokens[1:], COPIES)
+    next_ids = np.arange(1, COPIES * LENGTH + 1, dtype=np.int64)
+    next_ids[LENGTH - 1::LENGTH] = -1
+    queries = (base + rng.normal(scale=noise, size=base.shape)).astype(np.float32)
+    return keys, values, next_ids, tokens, queries
+
+
+def _fresh(store, queries, k):
+    """Exact search one row at a time (FAISS computes exact differences below its BLAS threshold)."""
+    found = [store.search(queries[i:i + 1], k) for i in range(len(queries))]
+    return np.concatenate([f.distances for f in found]), np.concatenate([f.ids for f in found])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "PCA8,Flat"])
+def test_pointer_following_returns_the_fresh_search_neighbours_when_pointers_are_valid(factory):
+    keys, values, next_ids, tokens, queries = _repeated_corpus()
+    store = _store(keys, values, next_ids, factory)
+    k = COPIES
+    fresh_d, fresh_i = _fresh(store, queries, k)
+    assert np.array_equal(np.sort(fresh_i, 1), np.arange(COPIES)[None, :] * LENGTH + np.arange(LENGTH)[:, None])
+    n = LENGTH
+    found = knn_speed.find_neighbours(
+        store, queries, k=np.full(n, k), pointer_min=np.full(n, COPIES), chain=np.zeros(n, dtype=int),
+        tokens=tokens[:LENGTH], start_ids={}, keys=knn_speed.KeyDistances(store.index), prefetch=1)
+    assert found.searched.tolist() == [True] + [False] * (n - 1)  # every later row followed pointers
+    assert found.searches == 1
+    assert np.array_equal(found.ids, fresh_i)
+    np.testing.assert_allclose(found.distances, fresh_d, rtol=1e-5, atol=1e-5)
+
+
+def test_too_few_pointers_searches_again():
+    keys, values, next_ids, tokens, queries = _repeated_corpus(seed=1)
+    store = _store(keys, values, next_ids)
+    observed = tokens[:LENGTH].copy()
+    observed[10] = 10_000  # no neighbour of position 9 predicted this token: no pointers at row 10
+    n = LENGTH
+    found = knn_speed.find_neighbours(
+        store, queries, k=np.full(n, COPIES), pointer_min=np.full(n, 2), chain=np.zeros(n, dtype=int),
+        tokens=observed, start_ids={}, keys=knn_speed.KeyDistances(store.index), prefetch=8)
+    assert np.nonzero(found.searched)[0].tolist() == [0, 10]
+    assert found.searches == 2  # row 0's batch prefetched rows 0..7 only
+    fresh_d, fresh_i = _fresh(store, queries, COPIES)
+    assert np.array_equal(found.ids, fresh_i)
+    np.testing.assert_allclose(found.distances, fresh_d, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetched_rows_are_reused_and_counted_only_when_needed():
+    keys, values, next_ids, tokens, queries = _repeated_corpus(seed=2)
+    store = _store(keys, values, next_ids)
+    observed = tokens[:LENGTH].copy()
+    observed[5] = 10_000
+    n = LENGTH
+    found = knn_speed.find_neighbours(
+        store, queries, k=np.full(n, COPIES), pointer_min=np.full(n, 2), chain=np.zeros(n, dtype=int),
+        tokens=observed, start_ids={}, keys=knn_speed.KeyDistances(store.index), prefetch=16)
+    assert np.nonzero(found.searched)[0].tolist() == [0, 5]
+    assert found.searches == 1  # row 5 came with row 0's batch
+    assert np.array_equal(found.ids, _fresh(store, queries, COPIES)[1])
+
+
+def test_chains_start_from_the_previous_steps_neighbours_and_plain_rows_are_searched():
+    keys, values, next_ids, tokens, queries = _repeated_corpus(seed=3)
+    store = _store(keys, values, next_ids)
+    previous = np.arange(COPIES) * LENGTH + 6  # neighbours of position 6, recorded at the last step
+    found = knn_speed.find_neighbours(
+        store, queries[[7, 7]], k=np.array([COPIES, COPIES]), pointer_min=np.array([COPIES, 0]),
+        chain=np.array([0, 1]), tokens=tokens[[7, 7]], start_ids={0: previous},
+        keys=knn_speed.KeyDistances(store.index))
+    assert found.searched.tolist() == [False, True]
+    assert np.array_equal(found.ids[0], found.ids[1])
+    np.testing.assert_allclose(found.distances[0], found.distances[1], rtol=1e-5, atol=1e-5)
+
+
+def test_follow_pointers_keeps_matching_values_and_drops_document_ends():
+    values = np.array([5, 6, 5, 5])
+    next_ids = np.array([1, 2, -1, 1])
+    assert knn_speed.follow_pointers(np.array([0, 1, 2, 3, -1]), values, next_ids, 5).tolist() == [1]
+    assert knn_speed.follow_pointers(np.array([1]), values, next_ids, 6).tolist() == [2]
+    assert knn_speed.follow_pointers(np.array([1]), values, next_ids, 7).tolist() == []
+
+
+def test_key_distances_refuses_an_index_without_reconstruction():
+    index = faiss.index_factory(DIM, "IDMap,Flat")  # keeps no id -> key map
+    index.add_with_ids(np.random.default_rng(0).normal(size=(10, DIM)).astype(np.float32), np.arange(10))
+    with pytest.raises(ValueError, match="pointer_min 0"):
+        knn_speed.KeyDistances(index)
+
+
+# -- greedy merge ---------------------------------------------------------------------------------
+
+
+def _merge_input(seed=0, n=600, vocab=6, k=8):
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(n, DIM)).astype(np.float32)
+    values = rng.integers(0, vocab, size=n)
+    index = faiss.IndexFlatL2(DIM)
+    index.add(keys)
+    _, neighbours = index.search(keys, k + 1)
+    return keys, values, neighbours
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_greedy_merge_never_merges_different_next_tokens_and_keeps_every_count(weighted):
+    from datastore_tools.token_prune import greedy_merge
+
+    keys, values, neighbours = _merge_input()
+    counts = np.random.default_rng(1).integers(1, 4, size=len(values)) if weighted else None
+    plan = greedy_merge(neighbours, values, counts)
+    n = len(values)
+    assert 0 < len(plan.keep) < n  # something merged, something kept
+    assert np.array_equal(values[plan.representative], values)  # a group shares one next token
+    assert np.array_equal(plan.representative[plan.keep], plan.keep)  # representatives are kept
+    assert plan.counts.sum() == (n if counts is None else counts.sum())
+    expected = np.bincount(plan.representative, weights=np.ones(n) if counts is None else counts, minlength=n)
+    assert np.array_equal(plan.counts, expected[plan.keep])
+    for j in np.nonzero(plan.representative != np.arange(n))[0]:
+        rep = plan.representative[j]
+        assert rep < j and j in neighbours[rep]  # merged into an earlier entry that had it as a neighbour
+
+
+def test_remapped_pointers_lead_to_the_successors_representative():
+    from datastore_tools.token_prune import greedy_merge, remap_pointers
+
+    keys, values, neighbours = _merge_input(seed=2)
+    next_ids = np.arange(1, len(values) + 1)
+    next_ids[99::100] = -1
+    plan = greedy_merge(neighbours, values)
+    new_next = remap_pointers(next_ids, plan)
+    for new, old in enumerate(plan.keep):
+        if next_ids[old] < 0:
+            assert new_next[new] == -1
+        else:
+            assert plan.keep[new_next[new]] == plan.representative[next_ids[old]]
+
+
+def _write_token_datastore(path: Path, keys, values, next_ids, factory="Flat"):
+    index = faiss.index_factory(keys.shape[1], factory, faiss.METRIC_L2)
+    index.train(keys)
+    index.add(keys)
+    path.mkdir(parents=True)
+    faiss.write_index(index, str(path / fmt.INDEX_FILE))
+    np.save(path / tds.VALUES_FILE, np.asarray(values, dtype=np.int32))
+    np.save(path / tds.NEXT_FILE, np.asarray(next_ids, dtype=np.int64))
+    np.save(path / tds.DOC_IDS_FILE, np.zeros(len(keys), dtype=np.int32))
+    (path / tds.DOCS_FILE).write_text(json.dumps([{"source": "synthetic", "title": "synthetic"}]))
+    write_manifest(path, {
+        "schema_version": fmt.SCHEMA_VERSION, "mode": tds.MODE, "name": path.name,
+        "tokenizer": {"fingerprint": "t"}, "model": {"fingerprint": "m"},
+        "dims": {"embedding": keys.shape[1], "index": keys.shape[1]}, "pca": None,
+        "index": {"factory": factory, "metric": "l2", "search_params": {}},
+        "counts": {"documents": 1, "entries": len(keys)},
+    })
+
+
+def test_prune_tool_publishes_a_merged_datastore_with_counts(tmp_path):
+    from server.cli import main
+
+    keys, values, _ = _merge_input(seed=3, n=400)
+    next_ids = np.arange(1, len(values) + 1)
+    next_ids[-1] = -1
+    _write_token_datastore(tmp_path / "src", keys, values, next_ids)
+    assert TokenDatastore.open(tmp_path / "src").counts is None  # old datastores: count 1 each
+    assert main(["datastore", "prune", "--mode", "token", "--merge-k", "8",
+                 str(tmp_path / "src"), str(tmp_path / "merged")]) == 0
+    merged = TokenDatastore.open(tmp_path / "merged")
+    assert merged.ntotal < len(values) and merged.counts.sum() == len(values)
+    assert merged.manifest["merge"]["entries_before"] == len(values)
+    # The kept keys are the representatives' own keys: each finds itself.
+    found = merged.search(merged.index.reconstruct_n(0, 20), 1)
+    assert np.array_equal(found.ids[:, 0], np.arange(20))
+    # Merging again only merges further; counts still sum to the original entries.
+    assert main(["datastore", "prune", str(tmp_path / "merged"), str(tmp_path / "again")]) == 0
+    assert TokenDatastore.open(tmp_path / "again").counts.sum() == len(values)
+
+
+# -- adaptive retrieval and count weighting --------------------------------------------------------
+
+
+def test_adaptive_threshold_skips_exactly_the_confident_rows():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=generator) * torch.linspace(0.5, 12, 64)[:, None]
+    thresholds = torch.rand(64, generator=generator) * 0.9 + 0.05
+    thresholds[:4] = 1.0  # "off": never skip
+    reference = torch.softmax(logits.double(), -1).amax(-1)
+    assert ((reference - thresholds.double()).abs() > 1e-6).all()  # no row on the edge
+    skip = knn_speed.confident_rows(logits, thresholds)
+    assert torch.equal(skip, reference > thresholds.double())
+    assert 0 < int(skip.sum()) < 60 and not skip[:4].any()
+    assert torch.allclose(knn_speed.max_probability(logits).double(), reference, atol=1e-6)
+
+
+def test_count_weighting_matches_a_float64_reference():
+    from kernels.knn_interpolation import knn_interpolate_reference
+
+    rng = np.random.default_rng(4)
+    batch, vocab, k, temperature, lam = 5, 37, 9, 3.0, 0.3
+    logits = rng.normal(size=(batch, vocab)).astype(np.float32)
+    distances = rng.uniform(0, 20, size=(batch, k)).astype(np.float32)
+    ids = rng.integers(-1, 50, size=(batch, k))  # entry ids, -1 padding
+    ids[:, 0] = 0  # every row has a valid neighbour
+    counts = rng.integers(1, 9, size=50)
+    tokens = rng.integers(0, vocab, size=50)
+    token_ids = np.where(ids >= 0, tokens[np.clip(ids, 0, None)], -1)
+    out = knn_interpolate_reference(
+        torch.from_numpy(logits), torch.from_numpy(distances), torch.from_numpy(token_ids),
+        temperature=temperature, lam=lam, log_counts=torch.from_numpy(knn_speed.log_counts(counts, ids)))
+    weight = np.where(ids >= 0, counts[np.clip(ids, 0, None)] * np.exp(-distances.astype(np.float64) / temperature), 0)
+    p_knn = np.zeros((batch, vocab))
+    for b in range(batch):
+        for j in range(k):
+            if ids[b, j] >= 0:
+                p_knn[b, token_ids[b, j]] += weight[b, j]
+    p_knn /= p_knn.sum(1, keepdims=True)
+    x = logits.astype(np.float64)
+    p_lm = np.exp(x - x.max(1, keepdims=True))
+    p_lm /= p_lm.sum(1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), np.log(lam * p_knn + (1 - lam) * p_lm), rtol=1e-5, atol=1e-5)
+    assert knn_speed.log_counts(None, ids) is None  # no counts file: the unweighted mixture, unchanged
+
+
+# -- request fields ----------------------------------------------------------------------------------
+
+
+def test_speed_fields_are_validated_and_resolved_to_server_defaults():
+    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from server.config import RetrievalDefaults
+    from server.errors import InvalidArgument
+    from server.validation import GenerationRequest, ValidationContext
+
+    context = ValidationContext(retrieval=RetrievalDefaults(knn_pointer_min=4), has_token_datastore=True)
+
+    def request(**retrieval):
+        return pb.GenerateRequest(prompt="x", retrieval=pb.RetrievalParameters(mode=pb.RETRIEVAL_MODE_TOKEN,
+                                                                              **retrieval))
+
+    resolved = GenerationRequest.from_pb(request(), context)
+    assert resolved.knn_skip_above_prob == 1.0 and resolved.knn_pointer_min == 4
+    resolved = GenerationRequest.from_pb(request(knn_skip_above_prob=0.8, knn_pointer_min=0), context)
+    assert resolved.knn_skip_above_prob == 0.8 and resolved.knn_pointer_min == 0
+    from server.generation import LoopSettings
+
+    settings = LoopSettings(**resolved.loop_settings_kwargs()).knn_settings()
+    assert settings.skip_above_prob == 0.8 and settings.pointer_min == 0
+    for bad, field in [({"knn_skip_above_prob": 0.0}, "knn_skip_above_prob"),
+                       ({"knn_skip_above_prob": 1.5}, "knn_skip_above_prob"),
+                       ({"knn_pointer_min": 10_000}, "knn_pointer_min")]:
+        with pytest.raises(InvalidArgument, match=field):
+            GenerationRequest.from_pb(request(**bad), context)
