@@ -36,6 +36,7 @@ SCENARIOS = {
     "none": dict(mode="none"),
     "chunk-stride64": dict(mode="chunk", stride=64, layout="prepend"),
     "chunk-stride64-k1": dict(mode="chunk", stride=64, layout="prepend", neighbours=1),
+    "chunk-stride32": dict(mode="chunk", stride=32, layout="prepend"),
     "chunk-stride16": dict(mode="chunk", stride=16, layout="prepend"),
     "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
 }
