@@ -24,8 +24,6 @@ from server.knn_settings import KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
-SEPARATOR_TEXT = "\n\n"
-
 
 class StopReason:
     MAX_TOKENS = "MAX_TOKENS"
@@ -122,7 +120,7 @@ class Generator:
     def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
         self.metrics = metrics
-        self.separator_ids = engine.tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+        self.separator_ids = context.separator_ids(engine.tokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
