@@ -85,6 +85,8 @@ class LoopSettings:
 
     prompt: str
     max_new_tokens: int
+    prompt_ids: Sequence[int] | None = None
+    """The prompt's token ids when validation already tokenized it; None: the loop tokenizes `prompt`."""
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -148,7 +150,7 @@ class Generator:
         `batcher`: the retriever.batcher.RetrievalBatcher chunk mode retrieves through."""
         started = time.perf_counter()
         deadline = started + settings.time_limit_s if settings.time_limit_s else None
-        prompt_ids = self.tokenize(settings.prompt)
+        prompt_ids = self.tokenize(settings.prompt) if settings.prompt_ids is None else list(settings.prompt_ids)
         use_retrieval = settings.retrieval_mode == "chunk"
         if use_retrieval and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")

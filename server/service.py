@@ -146,7 +146,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         self.validation = ValidationContext(
             limits=config.limits,
             retrieval=config.retrieval,
-            count_tokens=lambda text: len(self.generator.tokenize(text)),
+            tokenize=self.generator.tokenize,
             has_chunk_datastore=datastores is not None,
             has_token_datastore=getattr(engine, "has_token_datastore", False),
         )
