@@ -67,8 +67,7 @@ class EvalSettings:
     def knn(self) -> KnnRequestSettings | None:
         if self.mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
-                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
+        return KnnRequestSettings.from_knn_fields(self)
 
     def label(self) -> str:
         if self.mode == "none":

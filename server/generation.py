@@ -111,8 +111,7 @@ class LoopSettings:
         """Token mode's per-request settings for the engine (None in other modes)."""
         if self.retrieval_mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
-                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
+        return KnnRequestSettings.from_knn_fields(self)
 
 
 class Generator:
