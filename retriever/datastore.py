@@ -35,6 +35,19 @@ class FingerprintMismatch(DatastoreError):
     """The datastore was built with another tokenizer (or model) than the one being served."""
 
 
+def require_fingerprint(kind: str, built_with: str | None, expected: str | None, *, what: str, fix: str,
+                        why: str = "") -> None:
+    """Raise FingerprintMismatch unless `what` (the datastore, as the message names it) was built with
+    the `expected` `kind` ("tokenizer" or "model") fingerprint; expected None: nothing to check.
+
+    The message names both fingerprints, then `why` the mismatch matters (when given) and the `fix`."""
+    if expected is None or built_with == expected:
+        return
+    served = "the served model" if kind == "model" else f"the served model's {kind}"
+    because = f": {why}" if why else ""
+    raise FingerprintMismatch(f"{what} was built with {kind} {built_with} but {served} is {expected}{because}; {fix}")
+
+
 @dataclass(frozen=True)
 class Neighbour:
     chunk_id: int
@@ -310,14 +323,9 @@ class Datastore:
                 f"{path} is a {manifest.get('mode')}-mode datastore; chunk retrieval needs a chunk datastore "
                 f"(serve a token datastore with --token-datastore, see retriever/token_datastore.py)"
             )
-        if expected_tokenizer_fingerprint is not None:
-            built_with = (manifest.get("tokenizer") or {}).get("fingerprint")
-            if built_with != expected_tokenizer_fingerprint:
-                raise FingerprintMismatch(
-                    f"datastore {path} was built with tokenizer {built_with} but the served model's "
-                    f"tokenizer is {expected_tokenizer_fingerprint}: its chunk tokens would be wrong for "
-                    f"this model; {REBUILD_HINT}"
-                )
+        require_fingerprint("tokenizer", (manifest.get("tokenizer") or {}).get("fingerprint"),
+                            expected_tokenizer_fingerprint, what=f"datastore {path}",
+                            why="its chunk tokens would be wrong for this model", fix=REBUILD_HINT)
         problems = check_files(path, manifest, checksums=verify_checksums)
         if problems:
             raise DatastoreError(

@@ -32,7 +32,7 @@ from protos.retroserve.v1 import retriever_pb2 as rpb
 from protos.retroserve.v1 import retriever_pb2_grpc
 from retriever import shard_wire
 from retriever.datastore import (
-    BatchResults, DatastoreError, FingerprintMismatch, MissingShard, NeighbourRow, Timing, query_batch,
+    BatchResults, DatastoreError, MissingShard, NeighbourRow, Timing, query_batch, require_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,10 @@ def check_shard_set(described: Sequence[tuple[str, rpb.DescribeResponse]],
             raise ShardSetError(f"the shards disagree on the {what} ({listing}); serve shards of one "
                                 "`retroserve datastore shard` run")
     first_info = described[0][1]
-    expected = expected_tokenizer_fingerprint
-    if expected is not None and first_info.tokenizer_fingerprint != expected:
-        raise FingerprintMismatch(
-            f"datastore shards {first_info.parent_name} were built with tokenizer {first_info.tokenizer_fingerprint} "
-            f"but the served model's tokenizer is {expected_tokenizer_fingerprint}; rebuild the datastore with "
-            "`retroserve datastore build ... --model DIR` and shard it again"
-        )
+    require_fingerprint("tokenizer", first_info.tokenizer_fingerprint, expected_tokenizer_fingerprint,
+                        what=f"datastore {first_info.parent_name} (served as shards)",
+                        fix="rebuild the datastore with `retroserve datastore build ... --model DIR` "
+                            "and shard it again")
 
 
 def _parent_manifest(infos: Sequence[rpb.DescribeResponse]) -> dict:

@@ -12,8 +12,8 @@ import json
 import numpy as np
 
 from protos.retroserve.v1 import retriever_pb2 as rpb
-from protos.retroserve.v1 import retroserve_pb2 as pb
 from retriever import format as fmt
+from retriever import neighbour_pb
 from retriever.datastore import Neighbour
 
 FLOAT32 = np.dtype("<f4")
@@ -39,16 +39,7 @@ def unpack_embeddings(message: rpb.QueryEmbeddings) -> np.ndarray:
 
 def neighbour_to_pb(neighbour: Neighbour) -> rpb.ShardNeighbour:
     return rpb.ShardNeighbour(
-        neighbour=pb.Neighbour(
-            chunk_id=neighbour.chunk_id,
-            doc_id=neighbour.doc_id,
-            source=neighbour.source,
-            title=neighbour.title,
-            text=neighbour.text,
-            continuation_text=neighbour.continuation_text,
-            score=neighbour.score,
-            continuation_id=neighbour.continuation_id,
-        ),
+        neighbour=neighbour_pb.to_pb(neighbour),
         chunk_tokens=neighbour.chunk_tokens,
         continuation_tokens=neighbour.continuation_tokens,
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from retriever import format as fmt
-from retriever.datastore import DatastoreError, FingerprintMismatch, apply_search_params, read_index, read_manifest
+from retriever.datastore import DatastoreError, apply_search_params, read_index, read_manifest, require_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +80,11 @@ class TokenDatastore:
                 f"{path} is a {mode}-mode datastore, not a token datastore; pass it with --datastore-dir, "
                 f"or build a token datastore with `retroserve datastore build --mode token`"
             )
-        if expected_tokenizer_fingerprint is not None:
-            built_with = (manifest.get("tokenizer") or {}).get("fingerprint")
-            if built_with != expected_tokenizer_fingerprint:
-                raise FingerprintMismatch(
-                    f"token datastore {path} was built with tokenizer {built_with} but the served model's "
-                    f"tokenizer is {expected_tokenizer_fingerprint}; {TOKEN_REBUILD_HINT}"
-                )
-        if expected_model_fingerprint is not None:
-            built_with = (manifest.get("model") or {}).get("fingerprint")
-            if built_with != expected_model_fingerprint:
-                raise FingerprintMismatch(
-                    f"token datastore {path} was built with model {built_with} but the served model is "
-                    f"{expected_model_fingerprint}: its keys are another model's hidden states; "
-                    f"{TOKEN_REBUILD_HINT}"
-                )
+        what = f"token datastore {path}"
+        require_fingerprint("tokenizer", (manifest.get("tokenizer") or {}).get("fingerprint"),
+                            expected_tokenizer_fingerprint, what=what, fix=TOKEN_REBUILD_HINT)
+        require_fingerprint("model", (manifest.get("model") or {}).get("fingerprint"), expected_model_fingerprint,
+                            what=what, why="its keys are another model's hidden states", fix=TOKEN_REBUILD_HINT)
         problems = check_token_files(path, manifest)
         if problems:
             raise DatastoreError(f"token datastore {path} is damaged: {'; '.join(problems)}; {TOKEN_REBUILD_HINT}")

@@ -11,11 +11,21 @@ Within the neighbour block the best neighbour comes last, nearest the text it co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 LAYOUTS = ("prepend", "after_prompt")
+SEPARATOR_TEXT = "\n\n"
+"""What follows each neighbour in the neighbour block."""
+
+
+@functools.lru_cache(maxsize=8)
+def separator_ids(tokenizer) -> tuple[int, ...]:
+    """SEPARATOR_TEXT's token ids under `tokenizer` (no special tokens): the `separator` the
+    generation loop and the evaluator pass to build_context, tokenized once per tokenizer."""
+    return tuple(tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"])
 
 
 class NeighbourTokens(Protocol):

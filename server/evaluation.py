@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 from server import context
 from server.engine import Engine, SegmentSampling
-from server.generation import SEPARATOR_TEXT
 from server.knn_settings import KnnRequestSettings
 
 LN2 = math.log(2.0)
@@ -68,8 +67,7 @@ class EvalSettings:
     def knn(self) -> KnnRequestSettings | None:
         if self.mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
-                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
+        return KnnRequestSettings.from_knn_fields(self)
 
     def label(self) -> str:
         if self.mode == "none":
@@ -165,7 +163,7 @@ class Evaluator:
         self.exclusion_margin = exclusion_margin
         tokenizer = engine.tokenizer
         self.start_ids = document_start_ids(tokenizer)
-        self.separator_ids = tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+        self.separator_ids = context.separator_ids(tokenizer)
         self.last_plan: list[_Span] = []
         """Spans of the last `evaluate` with the neighbours each was scored with (inspection)."""
 

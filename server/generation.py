@@ -24,8 +24,6 @@ from server.knn_settings import KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
-SEPARATOR_TEXT = "\n\n"
-
 
 class StopReason:
     MAX_TOKENS = "MAX_TOKENS"
@@ -87,6 +85,8 @@ class LoopSettings:
 
     prompt: str
     max_new_tokens: int
+    prompt_ids: Sequence[int] | None = None
+    """The prompt's token ids when validation already tokenized it; None: the loop tokenizes `prompt`."""
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -111,8 +111,7 @@ class LoopSettings:
         """Token mode's per-request settings for the engine (None in other modes)."""
         if self.retrieval_mode != "token":
             return None
-        return KnnRequestSettings(lam=self.knn_lambda, k=self.knn_k, temperature=self.knn_temperature,
-                                  skip_above_prob=self.knn_skip_above_prob, pointer_min=self.knn_pointer_min)
+        return KnnRequestSettings.from_knn_fields(self)
 
 
 class Generator:
@@ -122,7 +121,7 @@ class Generator:
     def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
         self.metrics = metrics
-        self.separator_ids = engine.tokenizer(SEPARATOR_TEXT, add_special_tokens=False)["input_ids"]
+        self.separator_ids = context.separator_ids(engine.tokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -150,7 +149,7 @@ class Generator:
         `batcher`: the retriever.batcher.RetrievalBatcher chunk mode retrieves through."""
         started = time.perf_counter()
         deadline = started + settings.time_limit_s if settings.time_limit_s else None
-        prompt_ids = self.tokenize(settings.prompt)
+        prompt_ids = self.tokenize(settings.prompt) if settings.prompt_ids is None else list(settings.prompt_ids)
         use_retrieval = settings.retrieval_mode == "chunk"
         if use_retrieval and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")

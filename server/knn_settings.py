@@ -45,6 +45,14 @@ class KnnRequestSettings:
         if not self.skip_above_prob > 0 or self.pointer_min < 0:
             raise ValueError(f"invalid kNN-LM settings {self}: need skip_above_prob > 0, pointer_min >= 0")
 
+    @classmethod
+    def from_knn_fields(cls, settings) -> "KnnRequestSettings":
+        """From an object carrying the API's names for these knobs (knn_lambda, knn_k,
+        knn_temperature, knn_skip_above_prob, knn_pointer_min): server.generation.LoopSettings,
+        server.evaluation.EvalSettings."""
+        return cls(lam=settings.knn_lambda, k=settings.knn_k, temperature=settings.knn_temperature,
+                   skip_above_prob=settings.knn_skip_above_prob, pointer_min=settings.knn_pointer_min)
+
     def to_extra_args(self) -> dict:
         return {EXTRA_ARGS_KEY: asdict(self)}
 

@@ -1,8 +1,10 @@
 """to_pb for types that live where protobuf should not be imported (config, retriever).
 
-Config dataclasses and retriever.Neighbour stay free of the API's generated modules, so the
-datastore tools and the retriever do not depend on the gRPC API; their protobuf forms are made
-here. Converters of the server's own request types live beside those types (server/validation.py).
+Config dataclasses and retriever types stay free of the API's generated modules, so the datastore
+tools and the retriever do not depend on the gRPC API; their protobuf forms are made here. The
+Neighbour converter is retriever/neighbour_pb.py (the shard process uses it too, without this
+module's server imports). Converters of the server's own request types live beside those types
+(server/validation.py).
 """
 
 from __future__ import annotations
@@ -40,20 +42,6 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         knn_temperature=defaults.knn_temperature,
         knn_skip_above_prob=defaults.knn_skip_above_prob,
         knn_pointer_min=defaults.knn_pointer_min,
-    )
-
-
-def neighbour_to_pb(neighbour) -> pb.Neighbour:
-    """A retriever.datastore.Neighbour (or anything with its attributes) as the API's Neighbour."""
-    return pb.Neighbour(
-        chunk_id=neighbour.chunk_id,
-        doc_id=neighbour.doc_id,
-        source=neighbour.source,
-        title=neighbour.title,
-        text=neighbour.text,
-        continuation_text=neighbour.continuation_text,
-        score=neighbour.score,
-        continuation_id=getattr(neighbour, "continuation_id", -1),
     )
 
 

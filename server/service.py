@@ -18,6 +18,7 @@ from pathlib import Path
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc
+from retriever import neighbour_pb
 from server import pb_convert, request_context
 from server.config import ServerConfig
 from server.errors import EngineDead, NotReady, Overloaded
@@ -78,7 +79,7 @@ def retrieval_to_pb(event: RetrievalEvent, open_span: bool = False) -> pb.Retrie
         end_token=event.start_token if open_span else event.end_token,
         start_char=event.start_char,
         end_char=event.start_char if open_span else event.end_char,
-        neighbours=[pb_convert.neighbour_to_pb(n) for n in event.neighbours],
+        neighbours=[neighbour_pb.to_pb(n) for n in event.neighbours],
         retrieval_ms=event.seconds * 1000.0,
         missing_shards=[pb_convert.missing_shard_to_pb(m) for m in event.missing_shards],
     )
@@ -145,7 +146,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         self.validation = ValidationContext(
             limits=config.limits,
             retrieval=config.retrieval,
-            count_tokens=lambda text: len(self.generator.tokenize(text)),
+            tokenize=self.generator.tokenize,
             has_chunk_datastore=datastores is not None,
             has_token_datastore=getattr(engine, "has_token_datastore", False),
         )
@@ -269,7 +270,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         timing = results.timing
         return pb.RetrieveResponse(
             missing_shards=[pb_convert.missing_shard_to_pb(m) for m in missing],
-            neighbours=[pb_convert.neighbour_to_pb(n) for n in results[0][: query.neighbours]],
+            neighbours=[neighbour_pb.to_pb(n) for n in results[0][: query.neighbours]],
             timing=pb.RetrieveTiming(
                 embed_ms=timing.embed * 1000.0,
                 search_ms=timing.search * 1000.0,

@@ -13,7 +13,7 @@ does not know, and the Python message keeps it as a plain int. Those are refused
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
@@ -47,8 +47,8 @@ class ValidationContext:
 
     limits: Limits = field(default_factory=Limits)
     retrieval: RetrievalDefaults = field(default_factory=RetrievalDefaults)
-    count_tokens: Callable[[str], int] | None = None
-    """Tokens of a text under the served model's tokenizer (no special tokens); None skips the
+    tokenize: Callable[[str], Sequence[int]] | None = None
+    """Token ids of a text under the served model's tokenizer (no special tokens); None skips the
     prompt-length check (only for tests of other fields: the server always passes one)."""
     has_chunk_datastore: bool = True
     has_token_datastore: bool = False
@@ -74,8 +74,9 @@ class GenerationRequest:
     """
 
     prompt: str
-    prompt_token_count: int | None
-    """Tokens in the prompt (None when validated without a tokenizer)."""
+    prompt_ids: tuple[int, ...] | None
+    """The prompt's token ids, tokenized once here for the length check and passed on to the
+    generation loop (None when validated without a tokenizer: the loop tokenizes the prompt)."""
     max_new_tokens: int
     temperature: float = 0.0
     """0 means greedy; then top_p=1, top_k=0 and seed=None whatever the request said."""
@@ -110,11 +111,15 @@ class GenerationRequest:
     """Token mode: follow pointers when at least this many remain (0: off)."""
 
     LOOP_FIELDS = (
-        "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
+        "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
         "query_tokens", "layout", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
         "knn_temperature", "knn_skip_above_prob", "knn_pointer_min",
     )
+
+    @property
+    def prompt_token_count(self) -> int | None:
+        return None if self.prompt_ids is None else len(self.prompt_ids)
 
     @property
     def greedy(self) -> bool:
@@ -201,19 +206,19 @@ class GenerationRequest:
         knn_pointer_min = _optional(retrieval, "knn_pointer_min", defaults.knn_pointer_min)
         _check_range("retrieval.knn_pointer_min", knn_pointer_min, 0, defaults.max_knn_k, note=" (0 = off)")
 
-        prompt_token_count = None
-        if context.count_tokens is not None:
-            prompt_token_count = context.count_tokens(request.prompt)
-            if prompt_token_count > limits.max_prompt_tokens:
+        prompt_ids = None
+        if context.tokenize is not None:
+            prompt_ids = tuple(context.tokenize(request.prompt))
+            if len(prompt_ids) > limits.max_prompt_tokens:
                 raise InvalidArgument(
                     "prompt",
-                    f"prompt has {prompt_token_count} tokens; at most {limits.max_prompt_tokens} are allowed",
+                    f"prompt has {len(prompt_ids)} tokens; at most {limits.max_prompt_tokens} are allowed",
                 )
 
         greedy = temperature == 0.0
         return cls(
             prompt=request.prompt,
-            prompt_token_count=prompt_token_count,
+            prompt_ids=prompt_ids,
             max_new_tokens=max_new_tokens,
             temperature=float(temperature),
             top_p=1.0 if greedy else float(top_p),

@@ -1,6 +1,6 @@
 """Every out-of-bounds field becomes InvalidArgument naming the field and its limit; a valid request
-resolves to the documented defaults. Token counts come from a whitespace counter: validation takes
-the counter as a callable precisely so that it can be tested without the model's tokenizer."""
+resolves to the documented defaults. Token ids come from a whitespace tokenizer: validation takes
+the tokenizer as a callable precisely so that it can be tested without the model's tokenizer."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ LIMITS = Limits()
 DEFAULTS = RetrievalDefaults()
 
 
-def count_words(text: str) -> int:
-    return len(text.split())
+def word_ids(text: str) -> list[int]:
+    """One id per whitespace-separated word (its position)."""
+    return list(range(len(text.split())))
 
 
-CONTEXT = ValidationContext(LIMITS, DEFAULTS, count_tokens=count_words, has_chunk_datastore=True)
+CONTEXT = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_chunk_datastore=True)
 
 
 def request(**parts) -> pb.GenerateRequest:
@@ -108,13 +109,13 @@ def test_invalid_field_is_refused_with_its_limit(parts, field_path, expected):
 
 
 def test_chunk_mode_refused_without_a_datastore():
-    context = ValidationContext(LIMITS, DEFAULTS, count_tokens=count_words, has_chunk_datastore=False)
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_chunk_datastore=False)
     error = refused(request(retrieval={"mode": pb.RETRIEVAL_MODE_CHUNK}), context)
     assert "needs a chunk-mode datastore" in str(error) and "available modes: none" in str(error)
 
 
 def test_token_mode_accepted_with_a_token_datastore():
-    context = ValidationContext(LIMITS, DEFAULTS, count_tokens=count_words, has_token_datastore=True)
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_token_datastore=True)
     resolved = GenerationRequest.from_pb(request(retrieval={"mode": pb.RETRIEVAL_MODE_TOKEN}), context)
     assert resolved.retrieval_mode == "token"
 
@@ -128,7 +129,7 @@ def test_tokenizer_is_not_called_for_requests_refused_by_cheaper_checks():
     def explode(text):
         raise AssertionError("tokenized an invalid request")
 
-    context = ValidationContext(LIMITS, DEFAULTS, count_tokens=explode)
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=explode)
     with pytest.raises(InvalidArgument):
         GenerationRequest.from_pb(request(sampling={"top_p": 2.0}), context)
 
@@ -137,7 +138,7 @@ def test_unset_fields_resolve_to_server_defaults():
     resolved = GenerationRequest.from_pb(pb.GenerateRequest(prompt="Hello"), CONTEXT)
     assert resolved == GenerationRequest(
         prompt="Hello",
-        prompt_token_count=1,
+        prompt_ids=(0,),
         max_new_tokens=LIMITS.default_max_new_tokens,
         temperature=0.0, top_p=1.0, top_k=0, seed=None,
         stop_sequences=(), include_stop_sequence=False, time_limit_s=LIMITS.max_time_limit_s,
@@ -149,7 +150,7 @@ def test_unset_fields_resolve_to_server_defaults():
 
 
 def test_default_mode_falls_back_to_none_without_a_datastore():
-    context = ValidationContext(LIMITS, DEFAULTS, count_tokens=count_words, has_chunk_datastore=False)
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_chunk_datastore=False)
     assert GenerationRequest.from_pb(pb.GenerateRequest(prompt="Hi"), context).retrieval_mode == "none"
 
 
@@ -168,7 +169,7 @@ def test_valid_request_round_trips():
     message = pb.GenerateRequest.FromString(message.SerializeToString())
     resolved = GenerationRequest.from_pb(message, CONTEXT)
     assert resolved == GenerationRequest(
-        prompt="The assert statement", prompt_token_count=3, max_new_tokens=100,
+        prompt="The assert statement", prompt_ids=(0, 1, 2), max_new_tokens=100,
         temperature=0.7, top_p=0.9, top_k=40, seed=1234,
         stop_sequences=("\n\n", "END"), include_stop_sequence=True, time_limit_s=2.5,
         retrieval_mode="chunk", neighbours=4, stride=64, query_tokens=16, layout="after_prompt",
@@ -176,6 +177,7 @@ def test_valid_request_round_trips():
     )
     settings = resolved.loop_settings_kwargs()
     assert settings["retrieval_mode"] == "chunk" and settings["time_limit_s"] == 2.5
+    assert settings["prompt_ids"] == (0, 1, 2)  # tokenized once, here, and handed to the loop
     assert "return_provenance" not in settings
 
 
@@ -188,7 +190,7 @@ def test_greedy_ignores_sampling_knobs():
 
 
 def test_bounds_follow_the_configured_limits():
-    context = ValidationContext(Limits(max_new_tokens=10, default_max_new_tokens=5), DEFAULTS, count_tokens=count_words)
+    context = ValidationContext(Limits(max_new_tokens=10, default_max_new_tokens=5), DEFAULTS, tokenize=word_ids)
     error = refused(request(stopping={"max_new_tokens": 11}), context)
     assert "must be in [1, 10]" in str(error)
 
