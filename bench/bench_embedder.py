@@ -27,7 +27,8 @@ from datastore_tools import chunking, ingest  # noqa: E402
 from retriever.encoder import QueryEncoder  # noqa: E402
 
 # ("torch", 256) is the configuration ../shared/FACTS.md timed as "plain sentence-transformers" (~30 chunks/s).
-RUNS = [("torch", 256), ("torch", 128), ("torch", 32), ("torch-bf16", 128), ("torch-bf16", 32), ("torch-bf16", 16)]
+RUNS = [("torch", 256), ("torch", 32), ("torch", 16), ("torch-bf16", 128), ("torch-bf16", 32), ("torch-bf16", 16),
+        ("torch-bf16", 8)]
 
 
 def main() -> int:
