@@ -188,7 +188,9 @@ def add_ablate_command(commands, add_scoring_arguments, handles_errors) -> None:
     ablate.add_argument("--pca", type=int, nargs="*", default=[128], help="PCA dimensions to try")
     ablate.add_argument("--near-dup", type=float, nargs="*", default=[0.95],
                         help="near-duplicate pruning thresholds (cosine) to try")
-    ablate.add_argument("--index", nargs="*", default=["IVF1024,PQ96"], help="other FAISS indexes to try")
+    ablate.add_argument("--index", nargs="*", default=["IVF256,PQ384x4fs"],
+                        help="other FAISS indexes to try (the default is the build's choice for ~100k entries; "
+                             "a small datastore needs fewer IVF lists, e.g. IVF16,PQ384x4fs)")
     add_scoring_arguments(ablate)
     # First value of each is the base setting.
     ablate.set_defaults(k=[2, 1, 4], stride=[16, 64], query_tokens=[32, 16, 64], func=handles_errors(run_ablate))
