@@ -64,8 +64,10 @@ def heldout_documents(files: list[str], max_docs: int | None):
 
     documents, _ = read_documents(files)
     documents = [d for d in documents if d.text.strip()]
-    if max_docs is not None:
-        documents = documents[:max_docs]
+    if max_docs is not None and len(documents) > max_docs:
+        # Evenly spaced over the split (which lists files in path order), so a small sample spans the
+        # corpus's sections instead of taking the first directory's pages.
+        documents = [documents[i * len(documents) // max_docs] for i in range(max_docs)]
     if not documents:
         raise EvalError("no held-out documents with text")
     return [EvalDocument(d.source, d.text) for d in documents]
