@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from server.knn_settings import DEFAULT_KNN_TEMPERATURE  # noqa: E402
+
 log = logging.getLogger("bench_knn")
 
 
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-concurrency", type=int, default=4, help="documents scored at once")
     parser.add_argument("--knn-lambda", type=float, default=0.25)
     parser.add_argument("--knn-k", type=int, default=16)
-    parser.add_argument("--knn-temperature", type=float, default=10.0)
+    parser.add_argument("--knn-temperature", type=float, default=DEFAULT_KNN_TEMPERATURE)
     parser.add_argument("--skip-above-prob", type=float, default=0.9, help="adaptive retrieval threshold")
     parser.add_argument("--pointer-min", type=int, default=4, help="pointer following minimum")
     parser.add_argument("--max-model-len", type=int, default=2048)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from server import paths
 
+from server.knn_settings import DEFAULT_KNN_TEMPERATURE
+
 RETRIEVAL_MODES = ("none", "chunk", "token")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
 ENGINE_MAX_TEMPERATURE = 2.0
@@ -96,7 +98,7 @@ class RetrievalDefaults:
     knn_k: int = 16
     """Token mode: neighbours retrieved at every step."""
     max_knn_k: int = 256
-    knn_temperature: float = 10.0
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     """Token mode: softmax temperature over negative squared L2 distances between hidden states."""
     knn_skip_above_prob: float = 1.0
     """Token mode, adaptive retrieval: steps whose LM max next-token probability is above this

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from server.knn_settings import DEFAULT_KNN_TEMPERATURE
+
 log = logging.getLogger(__name__)
 
 
@@ -425,7 +427,7 @@ def add_eval_commands(groups) -> None:
                      help="token (kNN-LM) datastore: also score token mode (grid over --knn-*)")
     run.add_argument("--knn-lambda", type=float, nargs="+", default=[0.25], help="token mode λ (grid)")
     run.add_argument("--knn-k", type=int, nargs="+", default=[16], help="token mode neighbours (grid)")
-    run.add_argument("--knn-temperature", type=float, nargs="+", default=[10.0], help="token mode T (grid)")
+    run.add_argument("--knn-temperature", type=float, nargs="+", default=[DEFAULT_KNN_TEMPERATURE], help="token mode T (grid)")
     run.add_argument("--knn-skip-above-prob", type=float, nargs="+", default=[1.0],
                      help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")
     run.add_argument("--knn-pointer-min", type=int, nargs="+", default=[0],

@@ -15,6 +15,10 @@ KNN_BATCH_TRACKER = "server.knn_model:KnnBatchTracker"
 HF_CONFIG_KEY = "retroserve_knn"
 """hf_config attribute (a JSON string) with the engine-wide settings: datastore path, fingerprint."""
 EXTRA_ARGS_KEY = "retroserve_knn"
+DEFAULT_KNN_TEMPERATURE = 30.0
+"""Server default T, tuned on held-out Python docs (`retroserve eval run --token-datastore ...
+--knn-temperature 1 10 30 100`, λ 0.25, k 16: 0.993 / 0.960 / 0.935 / 0.936 bits per byte, model
+alone 1.166); T multiplies the squared-L2 scale of 576-d hidden states, so T=1 is far too sharp."""
 """SamplingParams.extra_args key of a token-mode request's settings (KnnRequestSettings)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
+from server.knn_settings import DEFAULT_KNN_TEMPERATURE
 from server.errors import DatastoreUnavailable, InvalidArgument
 
 MAX_SEED = 2**31 - 1
@@ -104,7 +105,7 @@ class GenerationRequest:
     knn_lambda: float = 0.25
     """Token mode: λ of λ·p_kNN + (1-λ)·p_LM."""
     knn_k: int = 16
-    knn_temperature: float = 10.0
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     knn_skip_above_prob: float = 1.0
     """Token mode: skip the search on steps whose LM max probability is above this (1: never)."""
     knn_pointer_min: int = 0
