@@ -92,6 +92,7 @@ def open_retrieval(datastore_dir: Path, model_dir: Path):
 
     datastore = Datastore.open(datastore_dir,
                                expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir))
+    datastore.search_texts(["warm-up"], 1)  # loads the embedder now, so retrieval times exclude it
 
     return datastore, datastore.search_texts
 
