@@ -145,23 +145,28 @@ def plot_ablations(rows: list[dict], path: Path) -> None:
                   "near_dup": "none", "index": base.get("datastore", {}).get("index", "base")}
     if not factors:
         factors = {"k": []}
-    fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.6), sharey=True, squeeze=False)
-    for ax, (factor, points) in zip(axes[0], factors.items()):
-        points = [dict(base, ablation={"factor": factor, "value": base_value[factor]})] + points
+    columns = min(3, len(factors))
+    rows_of_panels = -(-len(factors) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.6 * columns, 3.4 * rows_of_panels),
+                             sharey=True, squeeze=False)
+    for ax, (factor, points) in zip(axes.flat, factors.items()):
+        base_point = dict(base, ablation={"factor": factor, "value": base_value[factor]})
+        points = [base_point] + points
         if factor in ("k", "stride", "query_tokens"):
             points.sort(key=lambda r: r["ablation"]["value"])
         labels = [str(p["ablation"]["value"]) for p in points]
         ax.bar(range(len(points)), [p["bits_per_byte"] for p in points],
-               color=["tab:orange" if p is points[0] or p["ablation"]["value"] == base_value[factor] else "tab:blue"
-                      for p in points])
+               color=["tab:orange" if p is base_point else "tab:blue" for p in points])
         for x, p in enumerate(points):
-            ax.annotate(f"{p['search_ms_per_retrieval']:.2f} ms", (x, p["bits_per_byte"]), ha="center",
+            ax.annotate(f"{p['search_ms_per_retrieval']:.1f} ms", (x, p["bits_per_byte"]), ha="center",
                         va="bottom", fontsize=7)
         ax.axhline(alone["bits_per_byte"], color="tab:red", linestyle="--", label="model alone")
-        ax.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(range(len(points)), labels, rotation=20, ha="right", fontsize=7)
         ax.set_title(factor)
+    for ax in list(axes.flat)[len(factors):]:
+        ax.axis("off")
     values = [r["bits_per_byte"] for r in rows]
-    axes[0][0].set_ylim(min(values) * 0.97, max(values) * 1.02)
+    axes[0][0].set_ylim(min(values) * 0.97, max(values) * 1.03)
     axes[0][0].set_ylabel("bits per byte (lower is better)")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("One change at a time from the base setting (orange); search ms per retrieval above bars",
