@@ -353,11 +353,16 @@ async def sweep_async(args, engine=None) -> dict:
         return rows, references
 
     rows, references = await _with_engine(model_dir, args, engine, sweep)
-    for reference in args.reference_model:
-        references += await score_model_alone(Path(reference), documents, args)
-    print_table(references + rows)
     payload = {"command": "sweep", "documents": [d.source for d in documents], "references": references,
-               "rows": rows, "max_doc_chars": args.max_doc_chars}
+               "rows": rows, "max_doc_chars": args.max_doc_chars, "failed_references": []}
+    path = write_results(args.output_dir, payload)  # the sweep's own rows survive a reference failing
+    for reference in args.reference_model:
+        try:
+            references += await score_model_alone(Path(reference), documents, args)
+        except Exception as error:  # one reference model that vLLM cannot load must not lose the sweep
+            log.error("reference model %s could not be scored: %s", reference, error)
+            payload["failed_references"].append({"model": str(reference), "error": str(error)})
+    print_table(references + rows)
     path = write_results(args.output_dir, payload)
     plot_sweep(rows, references, args.output_dir / "sweep.png")
     print(f"wrote {path}")

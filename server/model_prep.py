@@ -188,7 +188,9 @@ def _write_quantized(source: Path, recipe: Recipe, work_dir: Path) -> dict:
     config["quantization_config"] = quantization_config(recipe)
     config["torch_dtype"] = "bfloat16"
     config["dtype"] = "bfloat16"
-    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    # A GGUF-loaded config has no architectures: name the class transformers built (vLLM picks its
+    # model by it; Gemma-3 loaded as Llama fails on its per-layer-type rope parameters).
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     (work_dir / "config.json").write_text(json.dumps(config, indent=2))
     if model.generation_config is not None:
         model.generation_config.save_pretrained(work_dir)
