@@ -60,7 +60,8 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["tokens_per_s"] for p in points], [p["bits_per_byte"] for p in points], "o-")
+    by_speed = sorted(points, key=lambda p: p["tokens_per_s"])
+    ax.plot([p["tokens_per_s"] for p in by_speed], [p["bits_per_byte"] for p in by_speed], "o-")
     for p in points:
         ax.annotate("model alone" if p["stride"] is None else f"stride {p['stride']}",
                     (p["tokens_per_s"], p["bits_per_byte"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
