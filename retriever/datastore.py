@@ -20,6 +20,7 @@ import faiss
 import lmdb
 import numpy as np
 
+from retriever import device_search
 from retriever import format as fmt
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,8 @@ class Datastore:
         self.payloads = payloads
         self.memory_mapped = memory_mapped
         self.on_gpu = on_gpu
+        self.searcher = index
+        """What `search` calls: the FAISS index, or its exact copy on a CUDA device (device_search)."""
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
 
@@ -336,19 +339,30 @@ class Datastore:
             raise DatastoreError(f"unknown device {device!r}; choose auto, cpu or cuda")
         index, memory_mapped = read_index(path / fmt.INDEX_FILE)
         on_gpu = False
-        if device == "cuda" and not _gpu_available():
-            raise DatastoreError("device 'cuda' requested but FAISS has no GPU support or no GPU is visible; "
-                                 "install faiss-gpu-cu12 (the `cuda` extra) or use device 'cpu'")
+        searcher = index
         if device in ("auto", "cuda") and _gpu_available():
             resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(resources, 0, index)
             index.referenced_resources = resources  # keep the resources alive with the index
-            on_gpu, memory_mapped = True, False
+            on_gpu, memory_mapped, searcher = True, False, index
+        elif device in ("auto", "cuda"):
+            # CPU-only FAISS: an exact index can still be searched on the GPU by the torch kernel.
+            searcher = device_search.device_searcher(index, device)
+            on_gpu = searcher is not index
+        if device == "cuda" and not on_gpu:
+            raise DatastoreError(
+                f"device 'cuda' requested but no GPU is visible, or FAISS has no GPU support and the index "
+                f"({(manifest.get('index') or {}).get('factory')}) is not Flat (only exact indexes are searched "
+                "by the torch GPU kernel); install faiss-gpu-cu12 (the `cuda` extra), rebuild with --index Flat, "
+                "or use device 'cpu'")
         apply_search_params(index, (manifest.get("index") or {}).get("search_params") or {})
         payloads = PayloadReader(path / fmt.PAYLOADS_DIR)
-        log.info("opened datastore %s: %d chunks, %s%s", path, index.ntotal,
-                 (manifest.get("index") or {}).get("factory"), " (mmap)" if memory_mapped else "")
-        return cls(path, manifest, index, payloads, memory_mapped, on_gpu, encoder)
+        log.info("opened datastore %s: %d chunks, %s%s%s", path, index.ntotal,
+                 (manifest.get("index") or {}).get("factory"), " (mmap)" if memory_mapped else "",
+                 " (exact search on CUDA, torch)" if searcher is not index else "")
+        datastore = cls(path, manifest, index, payloads, memory_mapped, on_gpu, encoder)
+        datastore.searcher = searcher
+        return datastore
 
     # -- properties -------------------------------------------------------------------------
 
@@ -387,7 +401,7 @@ class Datastore:
             return BatchResults([], timing)
         k_eff = min(k, self.ntotal)
         started = time.perf_counter()
-        scores, ids = self.index.search(embeddings, k_eff)
+        scores, ids = self.searcher.search(embeddings, k_eff)
         timing.search = time.perf_counter() - started
         started = time.perf_counter()
         results = self.fetch(ids, scores)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retriever import device_search
 from retriever import format as fmt
 from retriever.datastore import DatastoreError, apply_search_params, read_index, read_manifest, require_fingerprint
 
@@ -67,11 +68,15 @@ class TokenDatastore:
         self.counts = counts
         """int64 [ntotal] merge counts (greedy-merge pruning), None when every entry counts once."""
         self._lock = threading.Lock()
+        self.searcher = index
+        """What `search` calls: the FAISS index, or its exact copy on a CUDA device (device_search)."""
 
     @classmethod
     def open(cls, path: str | Path, *, expected_model_fingerprint: str | None = None,
-             expected_tokenizer_fingerprint: str | None = None) -> "TokenDatastore":
-        """Open `path`; raises DatastoreError (FingerprintMismatch for another model) naming the fix."""
+             expected_tokenizer_fingerprint: str | None = None, device: str = "auto") -> "TokenDatastore":
+        """Open `path`; raises DatastoreError (FingerprintMismatch for another model) naming the fix.
+        device "auto": a Flat index is searched on CUDA by the torch kernel when a GPU is visible
+        (the engine's logits live there); "cpu": always FAISS on the CPU."""
         path = Path(path)
         manifest = read_manifest(path)
         mode = manifest.get("mode", "chunk")
@@ -105,8 +110,10 @@ class TokenDatastore:
             )
         log.info("opened token datastore %s: %d entries, %s", path, index.ntotal,
                  (manifest.get("index") or {}).get("factory"))
-        return cls(path, manifest, index, np.asarray(values, dtype=np.int64), np.asarray(next_ids),
-                   np.asarray(doc_ids), docs, None if counts is None else np.asarray(counts, dtype=np.int64))
+        datastore = cls(path, manifest, index, np.asarray(values, dtype=np.int64), np.asarray(next_ids),
+                        np.asarray(doc_ids), docs, None if counts is None else np.asarray(counts, dtype=np.int64))
+        datastore.searcher = device_search.device_searcher(index, device)
+        return datastore
 
     @property
     def ntotal(self) -> int:
@@ -123,7 +130,7 @@ class TokenDatastore:
             raise ValueError(f"queries must be [n, {self.dim}], got {list(queries.shape)}")
         if k < 1:
             raise ValueError(f"{k=} must be >= 1")
-        distances, ids = self.index.search(queries, k)
+        distances, ids = self.searcher.search(queries, k)
         return TokenSearch(distances, ids, self.lookup_values(ids))
 
     def lookup_values(self, ids: np.ndarray) -> np.ndarray:
