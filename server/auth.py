@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from server.config import SecurityConfig
+from server.errors import HANDLER_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +168,7 @@ def _refusal_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMe
     async def refuse(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    )
-    for attribute, make_handler in kinds:
+    for attribute, make_handler in HANDLER_KINDS:
         if getattr(handler, attribute) is not None:
             return make_handler(refuse, request_deserializer=handler.request_deserializer,
                                 response_serializer=handler.response_serializer)

@@ -26,6 +26,15 @@ from collections.abc import Callable
 import grpc
 
 from server import request_context
+
+HANDLER_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+"""(attribute of a grpc.RpcMethodHandler, constructor of that kind of handler): how interceptors
+rebuild a handler of the same kind around new behaviour (errors here, auth refusals)."""
 from server.request_context import REQUEST_ID_METADATA_KEY, RequestContext
 
 log = logging.getLogger(__name__)
@@ -248,13 +257,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return self._wrap_stream(behavior, rpc, metadata_request_id)
             return self._wrap_coroutine(behavior, rpc, metadata_request_id)
 
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        )
-        for attribute, make_handler in kinds:
+        for attribute, make_handler in HANDLER_KINDS:
             behavior = getattr(handler, attribute)
             if behavior is not None:
                 return make_handler(
