@@ -323,8 +323,14 @@ def add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
 @handles_errors
 def run_reduce(args: argparse.Namespace) -> int:
     from datastore_tools.reduce import reduce_datastore
+    from retriever.datastore import read_manifest
 
-    manifest = reduce_datastore(args.datastore, args.output, args.pca, index=args.index, force=args.force)
+    if read_manifest(args.datastore).get("mode", "chunk") == "token":
+        from datastore_tools.token_prune import reduce_token_datastore
+
+        manifest = reduce_token_datastore(args.datastore, args.output, args.pca, index=args.index, force=args.force)
+    else:
+        manifest = reduce_datastore(args.datastore, args.output, args.pca, index=args.index, force=args.force)
     print(f"datastore: {args.output}")
     print(f"index: {manifest['index']['factory']}  dims {manifest['dims']['embedding']} -> "
           f"{manifest['dims']['index']}  variance kept {manifest['pca']['variance_kept']:.4f}")

@@ -107,6 +107,50 @@ def neighbour_lists(index, keys: np.ndarray, k: int, batch: int = 4096) -> np.nd
     return out
 
 
+def publish_token_entries(store, output: Path, keys: np.ndarray, keep: np.ndarray, *, factory: str,
+                          pca: int | None, counts: np.ndarray | None, next_ids: np.ndarray, force: bool,
+                          seconds: dict, note: dict) -> dict:
+    """Publish entries `keep` of `store` (keys re-indexed with `factory`/`pca`) as a new token datastore;
+    `next_ids` are already in the new numbering; `note` is merged into the manifest (what was done)."""
+    manifest = json.loads(json.dumps(store.manifest))
+    built, info = index_factory.build_index(keys[keep], factory, pca, search_params=manifest["index"].get("search_params"),
+                                           metric="l2")
+    seconds = {**seconds, **info["seconds"]}
+    with publish.staged(output, force) as stage:
+        faiss.write_index(built, str(stage / fmt.INDEX_FILE))
+        np.save(stage / tds.VALUES_FILE, np.asarray(store.values[keep], dtype=np.int32))
+        np.save(stage / tds.NEXT_FILE, next_ids)
+        np.save(stage / tds.DOC_IDS_FILE, np.asarray(store.doc_ids[keep], dtype=np.int32))
+        if counts is not None:
+            np.save(stage / tds.COUNTS_FILE, counts.astype(np.int64))
+        (stage / tds.DOCS_FILE).write_text(json.dumps(store.docs, ensure_ascii=False))
+        manifest.pop("files", None)
+        manifest.update(name=output.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                        index=info["index"], pca=info["pca"], dims=info["dims"])
+        manifest["counts"] = {**manifest["counts"], "entries": int(len(keep)),
+                              "original_entries": int(counts.sum()) if counts is not None else int(len(keep))}
+        for key, value in note.items():
+            manifest[key] = {**value, "seconds": seconds}
+        return write_manifest(stage, manifest)
+
+
+def reduce_token_datastore(source: str | Path, output: str | Path, pca_dim: int | None, *, index: str | None = None,
+                           force: bool = False) -> dict:
+    """`datastore reduce` of a token datastore: the same entries, keys re-indexed after PCA to `pca_dim`
+    (queries stay full size: the PCA is the first step of the index). Keys are read back from the
+    source index (exact for Flat and IVF-Flat), so no hidden states are recomputed."""
+    output = Path(output)
+    store = tds.TokenDatastore.open(source, device="cpu")
+    keys, keys_from = read_keys(store.index)
+    keep = np.arange(store.ntotal)
+    manifest = publish_token_entries(
+        store, output, keys, keep, factory=index or store.manifest["index"]["factory"], pca=pca_dim,
+        counts=store.counts, next_ids=np.asarray(store.next_ids), force=force, seconds={},
+        note={"reduce": {"pca": pca_dim, "source": str(source), "keys": keys_from}})
+    log.info("token reduce %s -> %s: PCA %s, %d entries", source, output, pca_dim, store.ntotal)
+    return manifest
+
+
 def prune_token_datastore(source: str | Path, output: str | Path, *, k: int = 8, index: str | None = None,
                           force: bool = False) -> dict:
     """Greedy-merge `source` into `output`; returns the new manifest."""
@@ -119,28 +163,12 @@ def prune_token_datastore(source: str | Path, output: str | Path, *, k: int = 8,
     neighbours = neighbour_lists(store.index, keys, k)
     plan = greedy_merge(neighbours, store.values, store.counts)
     seconds = {"merge": time.perf_counter() - started}
-    manifest = json.loads(json.dumps(store.manifest))
-    factory = index or manifest["index"]["factory"]
-    pca = (manifest.get("pca") or {}).get("dim")
-    kept = keys[plan.keep]
-    built, info = index_factory.build_index(kept, factory, pca, search_params=manifest["index"].get("search_params"),
-                                           metric="l2")
-    seconds.update(info["seconds"])
-    with publish.staged(output, force) as stage:
-        faiss.write_index(built, str(stage / fmt.INDEX_FILE))
-        np.save(stage / tds.VALUES_FILE, np.asarray(store.values[plan.keep], dtype=np.int32))
-        np.save(stage / tds.NEXT_FILE, remap_pointers(store.next_ids, plan))
-        np.save(stage / tds.DOC_IDS_FILE, np.asarray(store.doc_ids[plan.keep], dtype=np.int32))
-        np.save(stage / tds.COUNTS_FILE, plan.counts.astype(np.int64))
-        (stage / tds.DOCS_FILE).write_text(json.dumps(store.docs, ensure_ascii=False))
-        manifest.pop("files", None)
-        manifest.update(name=output.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                        index=info["index"], pca=info["pca"], dims=info["dims"])
-        manifest["counts"] = {**manifest["counts"], "entries": int(len(plan.keep)),
-                              "original_entries": int(plan.counts.sum())}
-        manifest["merge"] = {"method": "greedy (He et al. 2021)", "k": k, "source": str(source),
-                             "entries_before": int(store.ntotal), "entries_after": int(len(plan.keep)),
-                             "keys": keys_from, "seconds": seconds}
-        manifest = write_manifest(stage, manifest)
+    manifest = publish_token_entries(
+        store, output, keys, plan.keep, factory=index or store.manifest["index"]["factory"],
+        pca=(store.manifest.get("pca") or {}).get("dim"), counts=plan.counts,
+        next_ids=remap_pointers(store.next_ids, plan), force=force, seconds=seconds,
+        note={"merge": {"method": "greedy (He et al. 2021)", "k": k, "source": str(source),
+                        "entries_before": int(store.ntotal), "entries_after": int(len(plan.keep)),
+                        "keys": keys_from}})
     log.info("greedy merge %s -> %s: %d -> %d entries", source, output, store.ntotal, len(plan.keep))
     return manifest

@@ -217,6 +217,30 @@ def test_prune_tool_publishes_a_merged_datastore_with_counts(tmp_path):
     assert TokenDatastore.open(tmp_path / "again").counts.sum() == len(values)
 
 
+def test_reduce_tool_reindexes_token_keys_with_pca_and_keeps_every_entry(tmp_path):
+    """`datastore reduce` of a token datastore: same values, pointers and documents; the index is
+    PCA + the source factory over the source's own keys, searched with full-size queries."""
+    from datastore_tools.index_factory import build_index
+    from retriever.datastore import apply_search_params
+    from server.cli import main
+
+    keys, values, _ = _merge_input(seed=4, n=400)
+    next_ids = np.arange(1, len(values) + 1)
+    next_ids[-1] = -1
+    _write_token_datastore(tmp_path / "src", keys, values, next_ids, factory="IVF4,Flat")
+    assert main(["datastore", "reduce", "--pca", "8", str(tmp_path / "src"), str(tmp_path / "pca")]) == 0
+    source, reduced = TokenDatastore.open(tmp_path / "src"), TokenDatastore.open(tmp_path / "pca")
+    assert reduced.manifest["pca"]["dim"] == 8 and reduced.manifest["index"]["factory"] == "IVF4,Flat"
+    assert reduced.dim == keys.shape[1] and reduced.ntotal == source.ntotal
+    for name in ("values", "next_ids", "doc_ids"):
+        np.testing.assert_array_equal(getattr(reduced, name), getattr(source, name))
+    reference, _ = build_index(keys, "IVF4,Flat", 8, metric="l2")
+    apply_search_params(reference, reduced.manifest["index"]["search_params"])
+    found = reduced.search(keys[:50], 5)
+    np.testing.assert_array_equal(found.ids, reference.search(keys[:50], 5)[1])
+    np.testing.assert_array_equal(found.values, values[found.ids])
+
+
 # -- adaptive retrieval and count weighting --------------------------------------------------------
 
 
