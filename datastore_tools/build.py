@@ -51,7 +51,7 @@ class BuildConfig:
     pca: int | None = None
     """Reduce embeddings to this many dims with PCA inside the index chain."""
     nprobe: int | None = None
-    """IVF probes stored as the search default (None: nlist/16, at least 8)."""
+    """IVF probes stored as the search default (None: nlist/8, at least 8; index_factory.default_search_params)."""
     ef_search: int | None = None
     """HNSW efSearch stored as the search default (None: 64)."""
     seed: int = 1234

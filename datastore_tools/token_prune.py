@@ -157,7 +157,7 @@ def prune_token_datastore(source: str | Path, output: str | Path, *, k: int = 8,
     if k < 1:
         raise DatastoreToolError(f"--merge-k {k} must be >= 1")
     output = Path(output)
-    store = tds.TokenDatastore.open(source)
+    store = tds.TokenDatastore.open(source, device="cpu")  # searched through its FAISS index below
     started = time.perf_counter()
     keys, keys_from = read_keys(store.index)
     neighbours = neighbour_lists(store.index, keys, k)

@@ -244,10 +244,13 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
 
     model_dir = Path(config.model_dir)
     model_fp = fingerprints.model_fingerprint(model_dir)
+    # Opened here to check it and report its size; the engine process opens its own copy to search
+    # (on CUDA when it can), so this one stays on the CPU.
     datastore = TokenDatastore.open(
         config.token_datastore,
         expected_model_fingerprint=model_fp,
         expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir),
+        device="cpu",
     )
     knn_plugin.ensure_registered_via_entry_point()
     settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp}
