@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE  # noqa: E402
+from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions  # noqa: E402
 
 log = logging.getLogger("bench_knn")
 
@@ -87,13 +87,6 @@ def knn_settings(args, scenario: Scenario):
                               skip_above_prob=scenario.skip_above_prob, pointer_min=scenario.pointer_min)
 
 
-def _delta(after: dict, before: dict) -> tuple[float, float]:
-    """(skipped fraction, pointer fraction) of the rows between two KnnStats snapshots."""
-    get = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
-    rows, used = get("rows"), get("searched_rows") + get("pointer_rows")
-    return (get("skipped_rows") / rows if rows else 0.0), (get("pointer_rows") / used if used else 0.0)
-
-
 async def throughput(engine, prompts: list[list[int]], knn, concurrency: int, max_tokens: int, tag: str) -> float:
     """Output tokens/s of greedy generation, `concurrency` requests in flight until `prompts` are done."""
     from server.engine import SegmentSampling
@@ -121,7 +114,8 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
 
     loop = asyncio.get_running_loop()
     config = EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=max(args.concurrency), token_datastore=datastore)
+                          max_num_seqs=max(args.concurrency), token_datastore=datastore,
+                          knn_pointer_pool=args.knn_pointer_pool, knn_pointer_radius=args.knn_pointer_radius)
     engine = await loop.run_in_executor(None, Engine.start, config)
     rows = []
     try:
@@ -140,7 +134,7 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
             started = time.perf_counter()
             result = await evaluator.evaluate(documents, settings)
             eval_seconds = time.perf_counter() - started
-            eval_skip, eval_pointer = _delta(engine.knn_stats(), before)
+            eval_skip, eval_pointer = knn_fractions(engine.knn_stats(), before)
             row = Row(scenario.name, scenario.datastore, engine.token_datastore.ntotal, result.bits_per_byte, None,
                       eval_skip, eval_pointer, eval_seconds=eval_seconds)
             before = engine.knn_stats()
@@ -148,7 +142,7 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
                 row.tokens_per_s[concurrency] = await throughput(
                     engine, prompts[: max(args.requests, concurrency)], knn, concurrency, args.max_tokens,
                     scenario.name.replace(" ", "_"))
-            row.gen_skipped_fraction, row.gen_pointer_fraction = _delta(engine.knn_stats(), before)
+            row.gen_skipped_fraction, row.gen_pointer_fraction = knn_fractions(engine.knn_stats(), before)
             log.info("%s: %.4f bits/byte, %s tok/s", scenario.name, row.bits_per_byte,
                      {c: round(v, 1) for c, v in row.tokens_per_s.items()})
             rows.append(row)
@@ -176,7 +170,8 @@ async def main_async(args) -> list[Row]:
     from server.eval_cli import heldout_documents, read_split
 
     model_dir = Path(args.model) if args.model else paths.default_model_dir()
-    documents = heldout_documents(read_split(args.split)["heldout"], args.max_docs)
+    files = (args.documents.read_text().split() if args.documents else read_split(args.split)["heldout"])
+    documents = heldout_documents(files, args.max_docs)
     all_runs = scenarios(args)
     stores = {"main": args.token_datastore, "merged": args.merged_datastore, "pca": args.pca_datastore}
     rows: list[Row] = []
@@ -196,6 +191,9 @@ async def main_async(args) -> list[Row]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", type=Path, required=True, help="split.json from `retroserve eval split`")
+    parser.add_argument("--documents", type=Path, default=None,
+                        help="file listing the documents to score, one path per line (default: the split's "
+                             "held-out files), e.g. a test half when λ/k/T were tuned on the other half")
     parser.add_argument("--token-datastore", type=Path, required=True)
     parser.add_argument("--merged-datastore", type=Path, default=None, help="greedy-merged token datastore")
     parser.add_argument("--pca-datastore", type=Path, default=None, help="token datastore built with --pca")
@@ -212,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn-temperature", type=float, default=DEFAULT_KNN_TEMPERATURE)
     parser.add_argument("--skip-above-prob", type=float, default=0.9, help="adaptive retrieval threshold")
     parser.add_argument("--pointer-min", type=int, default=4, help="pointer following minimum")
+    parser.add_argument("--knn-pointer-pool", type=int, default=DEFAULT_KNN_POINTER_POOL,
+                        help="engine setting: a search's nearest entries that seed the pointer set")
+    parser.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,
+                        help="engine setting: pointer distance gate (0: off)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--output", type=Path, default=None, help="write rows and arguments as JSON")

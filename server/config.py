@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server import paths
 
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE
+from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE
 
 RETRIEVAL_MODES = ("none", "chunk", "token")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
@@ -50,6 +50,15 @@ class EngineConfig:
     token_datastore: Path | None = None
     """Token (kNN-LM) datastore to serve mode "token" from (`retroserve datastore build --mode
     token`); the engine then runs the kNN model class (server/knn_model.py). None: no token mode."""
+    knn_pointer_pool: int = DEFAULT_KNN_POINTER_POOL
+    """Token mode, pointer following: a search seeds a request's pointer set with this many nearest
+    entries (at least the request's k; only k enter the distribution), so more pointers survive the
+    steps whose token some of them did not predict. Engine-wide: it sets per-request memory and the
+    width of every pointer search."""
+    knn_pointer_radius: float = DEFAULT_KNN_POINTER_RADIUS
+    """Token mode, pointer following: > 0 follows pointers only when at least pointer_min of them
+    lie within this multiple of the squared distance of the k-th neighbour of the request's last
+    search (pointers that drifted away from the query search instead); 0: no distance gate."""
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -61,6 +70,10 @@ class EngineConfig:
             raise ValueError(f"{self.max_num_seqs=} must be in [1, 1024]")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"{self.kv_cache_gib=} must be > 0")
+        if not 1 <= self.knn_pointer_pool <= 4096:
+            raise ValueError(f"{self.knn_pointer_pool=} must be in [1, 4096]")
+        if not 0 <= self.knn_pointer_radius < float("inf"):
+            raise ValueError(f"{self.knn_pointer_radius=} must be >= 0 and finite (0 = no distance gate)")
 
 
 @dataclass

@@ -253,7 +253,8 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
         device="cpu",
     )
     knn_plugin.ensure_registered_via_entry_point()
-    settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp}
+    settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp,
+                "pointer_pool": config.knn_pointer_pool, "pointer_radius": config.knn_pointer_radius}
     if stats_file:
         settings["stats_file"] = stats_file
     overrides = {"architectures": [KNN_ARCHITECTURE], HF_CONFIG_KEY: json.dumps(settings)}

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE
+from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,13 @@ def heldout_documents(files: list[str], max_docs: int | None):
 # -- engine + datastore --------------------------------------------------------------------------
 
 
-def _engine_config(model_dir: Path, max_model_len: int, token_datastore: Path | None = None):
+def _engine_config(model_dir: Path, args, token_datastore: Path | None = None):
     from server.config import EngineConfig
 
-    return EngineConfig(model_dir=model_dir, max_model_len=max_model_len, kv_cache_gib=2.0, max_num_seqs=32,
-                        token_datastore=token_datastore)
+    return EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=2.0, max_num_seqs=32,
+                        token_datastore=token_datastore,
+                        knn_pointer_pool=getattr(args, "knn_pointer_pool", DEFAULT_KNN_POINTER_POOL),
+                        knn_pointer_radius=getattr(args, "knn_pointer_radius", DEFAULT_KNN_POINTER_RADIUS))
 
 
 def open_retrieval(datastore_dir: Path, model_dir: Path):
@@ -128,14 +130,19 @@ async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) 
                 continue
             if settings.mode == "token" and not engine.has_token_datastore:
                 continue
+            before = engine.knn_stats()
             result = await evaluator.evaluate(documents, settings)
             row = result.to_dict()
+            if settings.mode == "token":
+                row["knn_skipped_fraction"], row["knn_pointer_fraction"] = knn_fractions(engine.knn_stats(), before)
             row["model"] = str(model_dir)
             if datastore is not None and settings.mode == "chunk":
                 row["datastore"] = {"path": str(datastore_dir), "entries": datastore.ntotal,
                                     "index": datastore.manifest["index"]["factory"]}
             rows.append(row)
-            log.info("%s: %.4f bits/byte", settings.label(), row["bits_per_byte"])
+            log.info("%s: %.4f bits/byte%s", settings.label(), row["bits_per_byte"],
+                     "" if settings.mode != "token" else f" (searches skipped {row['knn_skipped_fraction']:.1%}, "
+                                                         f"avoided by pointers {row['knn_pointer_fraction']:.1%})")
         return rows
     finally:
         if datastore is not None:
@@ -159,7 +166,7 @@ async def _with_engine(model_dir: Path, args, engine, work, token_datastore: Pat
 
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, Engine.start,
-                                        _engine_config(model_dir, args.max_model_len, token_datastore))
+                                        _engine_config(model_dir, args, token_datastore))
     try:
         return await work(engine)
     finally:
@@ -266,7 +273,30 @@ def _model_dir(args) -> Path:
     return model_dir
 
 
+def refuse_leaking_token_datastore(token_datastore: Path, documents) -> None:
+    """Token mode cannot drop neighbours per document inside the engine (chunk mode's leakage guard
+    does, server/evaluation.py), so a token datastore built from a scored document is refused:
+    its entries would predict that document's own next tokens."""
+    from retriever.token_datastore import DOCS_FILE
+    from server.evaluation import source_key
+
+    try:
+        stored = json.loads((token_datastore / DOCS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EvalError(f"{token_datastore} is not a readable token datastore ({error}); "
+                        "build one with `retroserve datastore build --mode token`") from error
+    inside = {source_key(doc["source"]) for doc in stored}
+    leaked = [d.source for d in documents if source_key(d.source) in inside]
+    if leaked:
+        shown = ", ".join(leaked[:3]) + (f" and {len(leaked) - 3} more" if len(leaked) > 3 else "")
+        raise EvalError(f"the token datastore {token_datastore} was built from {len(leaked)} of the scored "
+                        f"documents ({shown}); rebuild it from the split's datastore files "
+                        "(`retroserve eval split` writes them) so held-out text is not in it")
+
+
 def _heldout(args) -> list:
+    if args.split and args.heldout:
+        raise EvalError("pass --split FILE or --heldout FILES, not both (--split scores the split's held-out files)")
     if args.split:
         files = read_split(args.split)["heldout"]
     elif args.heldout:
@@ -287,6 +317,8 @@ def run_split(args) -> int:
 async def run_async(args, engine=None) -> dict:
     """`eval run`; `engine`: an already started engine of the same model (tests pass one)."""
     documents = _heldout(args)
+    if args.token_datastore:
+        refuse_leaking_token_datastore(Path(args.token_datastore), documents)
     model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
     datastore_dir = Path(args.datastore) if args.datastore else None
     rows = await _with_engine(model_dir, args, engine,
@@ -438,6 +470,11 @@ def add_eval_commands(groups) -> None:
                      help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")
     run.add_argument("--knn-pointer-min", type=int, nargs="+", default=[0],
                      help="token mode pointer following minimum (grid; 0: off)")
+    run.add_argument("--knn-pointer-pool", type=int, default=DEFAULT_KNN_POINTER_POOL,
+                     help="engine setting: a search's nearest entries that seed the pointer set")
+    run.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,
+                     help="engine setting: follow pointers only within this multiple of the last search's "
+                          "k-th squared distance (0: no gate)")
     _add_scoring_arguments(run)
     run.set_defaults(func=_handles_errors(run_run))
 

@@ -74,7 +74,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from server import knn_speed
-from server.knn_settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KnnRequestSettings
+from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, HF_CONFIG_KEY, KNN_ARCHITECTURE, KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,8 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         self._input_ids: torch.Tensor | None = None
         self._forward_calls = 0
         self._key_distances: knn_speed.KeyDistances | None = None
+        self._pointer_pool = int(settings.get("pointer_pool", DEFAULT_KNN_POINTER_POOL))
+        self._pointer_radius = float(settings.get("pointer_radius", DEFAULT_KNN_POINTER_RADIUS))
 
     def get_model_state_cls(self):
         self.knn_state_attached = True
@@ -340,7 +342,7 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         pointer_min = np.array([slot.settings.pointer_min for slot in slots])
         requests = request_of_row[active]
         chain = np.zeros(len(active), dtype=np.int64)
-        start_ids = {}
+        start_ids, start_radius = {}, {}
         if pointer_min.any():
             observed = self._input_ids.cpu().numpy()[row_tokens]
             # A chain: consecutive positions of one request (prompt rows in order; one decode row).
@@ -351,12 +353,15 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
                 state = slots[i].pointer
                 if state is not None and state.position == positions[i] - 1:
                     start_ids[int(chain[i])] = state.ids
+                    start_radius[int(chain[i])] = state.radius
             if self._key_distances is None:
                 self._key_distances = knn_speed.KeyDistances(self.datastore.index)
         else:
             observed = np.zeros(len(active), dtype=np.int64)
         found = knn_speed.find_neighbours(self.datastore, queries, k, pointer_min, chain, observed, start_ids,
-                                          self._key_distances)
+                                          self._key_distances,
+                                          pointer_pool=np.full(len(slots), self._pointer_pool),
+                                          pointer_radius=self._pointer_radius, start_radius=start_radius)
         if pointer_min.any():
             self._remember_pointers(slots, positions, found)
         searched = time.perf_counter()
@@ -401,8 +406,8 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
             state = slot.pointer
             position = int(positions[i])
             if state is None or state.step != self._forward_calls or position >= state.position:
-                ids = found.ids[i]
-                slot.pointer = knn_speed.PointerState(position, ids[ids >= 0].copy(), self._forward_calls)
+                slot.pointer = knn_speed.PointerState(position, found.pointer_sets[i].copy(), self._forward_calls,
+                                                      found.radii[i])
 
     def _publish_stats(self) -> None:
         stats = self.knn_stats

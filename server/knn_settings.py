@@ -15,6 +15,10 @@ KNN_BATCH_TRACKER = "server.knn_model:KnnBatchTracker"
 HF_CONFIG_KEY = "retroserve_knn"
 """hf_config attribute (a JSON string) with the engine-wide settings: datastore path, fingerprint."""
 EXTRA_ARGS_KEY = "retroserve_knn"
+DEFAULT_KNN_POINTER_POOL = 128
+"""Engine default: how many of a search's nearest entries seed a request's pointer set (RetoMaton)."""
+DEFAULT_KNN_POINTER_RADIUS = 0.0
+"""Engine default of the pointer distance gate (server/knn_speed.py find_neighbours); 0: off."""
 DEFAULT_KNN_TEMPERATURE = 30.0
 """Server default T, tuned on held-out Python docs (`retroserve eval run --token-datastore ...
 --knn-temperature 1 10 30 100`, λ 0.25, k 16: 0.993 / 0.960 / 0.935 / 0.936 bits per byte, model
@@ -65,3 +69,11 @@ class KnnRequestSettings:
         extra = getattr(params, "extra_args", None) or {}
         value = extra.get(EXTRA_ARGS_KEY)
         return None if value is None else cls(**value)
+
+
+def knn_fractions(after: dict, before: dict) -> tuple[float, float]:
+    """(skipped fraction of token-mode rows, pointer fraction of the rows not skipped) between two
+    snapshots of the engine's kNN counters (server/engine.py `Engine.knn_stats`)."""
+    get = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    rows, used = get("rows"), get("searched_rows") + get("pointer_rows")
+    return (get("skipped_rows") / rows if rows else 0.0), (get("pointer_rows") / used if used else 0.0)

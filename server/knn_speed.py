@@ -9,7 +9,10 @@ on small seeded data without vLLM.
   neighbours of the previous position whose value (next token) equals the token actually observed
   are advanced along `next.npy` (the entry that follows them in the corpus); when at least
   `pointer_min` remain they are this position's neighbours, with distances recomputed exactly
-  against the current query from the stored keys (`KeyDistances`), and no search runs.
+  against the current query from the stored keys (`KeyDistances`), and no search runs. A search
+  seeds the pointer set with its `pointer_pool` nearest entries (>= k; only the k nearest enter
+  the distribution), and every followed entry stays in the set, not only the k nearest, so the
+  set thins out by mismatches alone; RetoMaton seeds from its search's k = 1024 the same way.
 - Greedy-merge counts (Efficient kNN-LM, He et al. 2021; `log_counts`): a merged entry stands for
   `count` original entries; its kNN score gains log(count), i.e. weight ∝ count·exp(-d/T).
 """
@@ -71,6 +74,8 @@ class PointerState:
     """int64 entry ids (no padding)."""
     step: int
     """Engine step (forward call) that recorded them."""
+    radius: float = np.inf
+    """Squared distance of the k-th neighbour of the sequence's last search (the pointer gate)."""
 
 
 def follow_pointers(previous_ids: np.ndarray, values: np.ndarray, next_ids: np.ndarray, token: int) -> np.ndarray:
@@ -152,17 +157,24 @@ class Neighbours:
     """int64 [n, k_max] entry ids, -1 padding (rows asking fewer than k_max neighbours are padded)."""
     searched: np.ndarray
     """bool [n]: the row needed a search (False: its neighbours came from pointers)."""
+    pointer_sets: dict[int, np.ndarray]
+    """row -> the entry ids the row's next position follows (pointer rows only): a searched row's
+    `pointer_pool` nearest, a followed row's whole candidate set, nearest first."""
+    radii: dict[int, float]
+    """row -> squared distance of the k-th neighbour of the chain's last search (pointer rows)."""
     searches: int = 0
     """FAISS search calls made (each over a batch of rows)."""
 
 
 def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.ndarray, chain: np.ndarray,
                     tokens: np.ndarray, start_ids: dict, keys: KeyDistances | None = None,
-                    prefetch: int = 64) -> Neighbours:
+                    prefetch: int = 64, pointer_pool: np.ndarray | None = None, pointer_radius: float = 0.0,
+                    start_radius: dict | None = None) -> Neighbours:
     """Neighbours of every row, following pointers where a row's `pointer_min` > 0 allows it.
 
     store: a TokenDatastore (search, values, next_ids). queries: float32 [n, dim] full size.
-    k, pointer_min: int [n] per row. chain: int [n]: rows with equal chain are consecutive
+    k, pointer_min, pointer_pool: int [n] per row (pool: how many of a search's nearest seed the
+    pointer set, at least k; None: k). chain: int [n]: rows with equal chain are consecutive
     positions of one sequence, in increasing order (a request's prompt-log-prob rows, or its one
     decode row). tokens: int [n], the token observed at each row's position (its input token), the
     one the previous position's neighbours must have predicted. start_ids: chain -> the neighbour
@@ -173,18 +185,26 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
     row that must search fetches up to `prefetch` of its chain's next rows in the same FAISS call,
     used only if those rows then need a search too (a speed-up for long prompts: `searched` counts
     the rows that needed one, not the rows fetched).
+
+    pointer_radius > 0 gates pointers by distance: a row follows only when at least `pointer_min`
+    candidates lie within pointer_radius x the squared distance of the k-th neighbour of its chain's
+    last search (`start_radius`: chain -> that distance from an earlier step), i.e. where the
+    followed entries would have been among a search's neighbours; pointers that have drifted to
+    text unlike the query's search instead of standing in for a search with worse neighbours.
     """
     n = len(queries)
     k = np.asarray(k, dtype=np.int64)
     pointer_min = np.asarray(pointer_min, dtype=np.int64)
+    pool = k if pointer_pool is None else np.maximum(np.asarray(pointer_pool, dtype=np.int64), k)
     k_max = int(k.max()) if n else 1
+    pool_max = int(pool[pointer_min > 0].max()) if (pointer_min > 0).any() else k_max
     out_d = np.full((n, k_max), PAD_DISTANCE, dtype=np.float32)
     out_i = np.full((n, k_max), -1, dtype=np.int64)
     searched = np.zeros(n, dtype=bool)
-    result = Neighbours(out_d, out_i, searched)
+    result = Neighbours(out_d, out_i, searched, {}, {})
 
-    def search(rows) -> tuple[np.ndarray, np.ndarray]:
-        found = store.search(queries[rows], k_max)
+    def search(rows, width=k_max) -> tuple[np.ndarray, np.ndarray]:
+        found = store.search(queries[rows], width)
         result.searches += 1
         return found.distances, found.ids
 
@@ -209,6 +229,7 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
     in_space = keys.to_index_space(queries[pointer_rows])
     space_row = {int(row): j for j, row in enumerate(pointer_rows)}
     previous = {c: (None if start_ids.get(c) is None else np.asarray(start_ids[c], dtype=np.int64)) for c in chains}
+    radius = {c: (start_radius or {}).get(c, np.inf) for c in chains}
     fetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     wave = 0
     while True:
@@ -220,10 +241,14 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
             if previous[c] is not None:
                 candidates = follow_pointers(previous[c], store.values, store.next_ids, int(tokens[row]))
                 if len(candidates) >= pointer_min[row]:
-                    distances, ids = nearest_of(keys, in_space[space_row[row]], candidates, int(k[row]))
-                    keep(row, distances, ids)
-                    previous[c] = ids[ids >= 0]
-                    continue
+                    distances, ids = nearest_of(keys, in_space[space_row[row]], candidates,
+                                                max(int(k[row]), len(candidates)))
+                    near = (distances <= pointer_radius * radius[c]).sum() if pointer_radius > 0 else len(candidates)
+                    if near >= pointer_min[row]:
+                        keep(row, distances, ids)
+                        previous[c] = result.pointer_sets[row] = ids[ids >= 0]
+                        result.radii[row] = radius[c]
+                        continue
             searched[row] = True
             if row not in fetched:
                 must_search.append((c, row))
@@ -232,14 +257,16 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
             for c, row in must_search:
                 rows = chains[c]
                 batch += [r for r in rows[wave: wave + max(1, prefetch)] if r not in fetched]
-            distances, ids = search(np.asarray(batch))
+            distances, ids = search(np.asarray(batch), pool_max)
             for j, row in enumerate(batch):
                 fetched[row] = (distances[j], ids[j])
         for c, row in heads:
             if searched[row]:
                 distances, ids = fetched.pop(row)
                 keep(row, distances, ids)
-                used = out_i[row, : k[row]]
-                previous[c] = used[used >= 0]
+                seeds = ids[: pool[row]]
+                previous[c] = result.pointer_sets[row] = seeds[seeds >= 0]
+                used = distances[: k[row]][ids[: k[row]] >= 0]
+                radius[c] = result.radii[row] = float(used.max()) if len(used) else np.inf
         wave += 1
     return result

@@ -255,6 +255,28 @@ def test_eval_scores_token_mode(knn_server, token_datastore, corpus_dir):
     assert token.bits_per_byte < alone.bits_per_byte  # the scored text is in the datastore
 
 
+def test_eval_refuses_a_token_datastore_built_from_the_scored_documents(token_datastore, corpus_dir, tmp_path,
+                                                                        capsys):
+    """Token mode has no per-document neighbour filter in the engine, so `eval run` refuses a token
+    datastore that holds a held-out document (before any engine starts), naming it and the fix;
+    a document outside it passes the check."""
+    from server.cli import build_parser
+    from server.eval_cli import refuse_leaking_token_datastore
+    from server.evaluation import EvalDocument
+
+    inside = corpus_dir / "global.rst"
+    args = build_parser().parse_args(["eval", "run", "--heldout", str(inside), "--token-datastore",
+                                      str(token_datastore), "--model", str(tmp_path / "never-loaded")])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "global.rst" in err and "rebuild it from the split's datastore files" in err
+    outside = tmp_path / "other.rst"
+    outside.write_text("Text that no datastore holds.")
+    refuse_leaking_token_datastore(token_datastore, [EvalDocument(str(outside), outside.read_text())])
+    both = build_parser().parse_args(["eval", "run", "--split", "s.json", "--heldout", str(outside)])
+    assert both.func(both) == 2 and "not both" in capsys.readouterr().err
+
+
 def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_path):
     """Pointers that can never be enough change nothing; pointers on the datastore's own text
     avoid most searches; adaptive retrieval leaves exactly the rows it skips to the model."""

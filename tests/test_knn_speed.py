@@ -72,6 +72,64 @@ def test_pointer_following_returns_the_fresh_search_neighbours_when_pointers_are
     np.testing.assert_allclose(found.distances, fresh_d, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pointer_pool_wider_than_k_keeps_following_where_the_k_nearest_mispredict():
+    """Row 10's observed token is mispredicted by the copies of the two nearest neighbours of row 0
+    (the ones a pointer set cut to k = 2 follows from row 0 on): nothing survives then and row 10
+    searches; seeded with all five copies, the three others survive, and row 10's neighbours are
+    the nearest two of their successors."""
+    keys, values, next_ids, tokens, queries = _repeated_corpus(seed=4)
+    store = _store(keys, values, next_ids)
+    k, n = 2, LENGTH
+    nearest_at_9 = _fresh(store, queries[0:1], k)[1][0] + 9
+    values = values.copy()
+    values[nearest_at_9] = 10_000  # these two predicted another token than the one that follows
+    store = _store(keys, values, next_ids)
+    keys_space = knn_speed.KeyDistances(store.index)
+
+    def run(pool):
+        return knn_speed.find_neighbours(
+            store, queries, k=np.full(n, k), pointer_min=np.full(n, 2), chain=np.zeros(n, dtype=int),
+            tokens=tokens[:LENGTH], start_ids={}, keys=keys_space, prefetch=1, pointer_pool=pool)
+
+    narrow, wide = run(None), run(np.full(n, COPIES))
+    assert np.nonzero(narrow.searched)[0].tolist() == [0, 10]
+    assert np.nonzero(wide.searched)[0].tolist() == [0]
+    assert len(wide.pointer_sets[0]) == COPIES and len(narrow.pointer_sets[0]) == k
+    survivors = np.setdiff1d(np.arange(COPIES) * LENGTH + 9, nearest_at_9) + 1
+    assert np.array_equal(np.sort(wide.pointer_sets[10]), np.sort(survivors))
+    expected_d, expected_i = knn_speed.nearest_of(keys_space, queries[10], survivors, k)
+    assert np.array_equal(wide.ids[10], expected_i)
+    np.testing.assert_allclose(wide.distances[10], expected_d, rtol=1e-6)
+    # up to row 9 every copy is a valid pointer: the wide set gives exactly a fresh search's k nearest
+    assert np.array_equal(wide.ids[:10], _fresh(store, queries[:10], k)[1])
+
+
+def test_the_distance_gate_searches_where_valid_pointers_drifted_away_from_the_query():
+    """Row 10's query is made like position 25's while its observed token is still position 10's:
+    the pointers (the copies of position 10) are valid by token but far from the query. Without
+    the gate they are used; with it (4x the last search's k-th squared distance) row 10 searches
+    and gets a fresh search's neighbours; the rows before it follow pointers either way."""
+    keys, values, next_ids, tokens, queries = _repeated_corpus(seed=5)
+    store = _store(keys, values, next_ids)
+    queries = queries.copy()
+    queries[10] = queries[25]
+    n = LENGTH
+    keys_space = knn_speed.KeyDistances(store.index)
+
+    def run(radius):
+        return knn_speed.find_neighbours(
+            store, queries, k=np.full(n, COPIES), pointer_min=np.full(n, 2), chain=np.zeros(n, dtype=int),
+            tokens=tokens[:LENGTH], start_ids={}, keys=keys_space, prefetch=1, pointer_radius=radius)
+
+    ungated, gated = run(0.0), run(4.0)
+    assert not ungated.searched[1:11].any()
+    assert np.array_equal(np.sort(ungated.ids[10]), np.arange(COPIES) * LENGTH + 10)
+    assert gated.searched[:11].tolist() == [True] + [False] * 9 + [True]
+    assert np.array_equal(gated.ids[10], _fresh(store, queries[10:11], COPIES)[1][0])
+    fresh_radius = float(_fresh(store, queries[10:11], COPIES)[0][0].max())
+    assert gated.radii[10] == pytest.approx(fresh_radius, rel=1e-5)
+
+
 def test_too_few_pointers_searches_again():
     keys, values, next_ids, tokens, queries = _repeated_corpus(seed=1)
     store = _store(keys, values, next_ids)
