@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions  # noqa: E402
+from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions  # noqa: E402
 
 log = logging.getLogger("bench_knn")
 
@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=32, help="throughput requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--eval-concurrency", type=int, default=4, help="documents scored at once")
-    parser.add_argument("--knn-lambda", type=float, default=0.25)
-    parser.add_argument("--knn-k", type=int, default=16)
+    parser.add_argument("--knn-lambda", type=float, default=DEFAULT_KNN_LAMBDA)
+    parser.add_argument("--knn-k", type=int, default=DEFAULT_KNN_K)
     parser.add_argument("--knn-temperature", type=float, default=DEFAULT_KNN_TEMPERATURE)
     parser.add_argument("--skip-above-prob", type=float, default=0.9, help="adaptive retrieval threshold")
     parser.add_argument("--pointer-min", type=int, default=4, help="pointer following minimum")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from server import paths
 
-from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE
+from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
+                                 DEFAULT_KNN_TEMPERATURE)
 
 RETRIEVAL_MODES = ("none", "chunk", "token")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
@@ -106,9 +107,9 @@ class RetrievalDefaults:
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in
     provenance; "require_all": UNAVAILABLE)."""
-    knn_lambda: float = 0.25
+    knn_lambda: float = DEFAULT_KNN_LAMBDA
     """Token mode: weight λ of the datastore's distribution in λ·p_kNN + (1-λ)·p_LM (kNN-LM's 0.25)."""
-    knn_k: int = 16
+    knn_k: int = DEFAULT_KNN_K
     """Token mode: neighbours retrieved at every step."""
     max_knn_k: int = 256
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
+from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
 
@@ -463,8 +463,8 @@ def add_eval_commands(groups) -> None:
     run.add_argument("--datastore", type=Path, default=None, help="omit to score the model alone")
     run.add_argument("--token-datastore", type=Path, default=None,
                      help="token (kNN-LM) datastore: also score token mode (grid over --knn-*)")
-    run.add_argument("--knn-lambda", type=float, nargs="+", default=[0.25], help="token mode λ (grid)")
-    run.add_argument("--knn-k", type=int, nargs="+", default=[16], help="token mode neighbours (grid)")
+    run.add_argument("--knn-lambda", type=float, nargs="+", default=[DEFAULT_KNN_LAMBDA], help="token mode λ (grid)")
+    run.add_argument("--knn-k", type=int, nargs="+", default=[DEFAULT_KNN_K], help="token mode neighbours (grid)")
     run.add_argument("--knn-temperature", type=float, nargs="+", default=[DEFAULT_KNN_TEMPERATURE], help="token mode T (grid)")
     run.add_argument("--knn-skip-above-prob", type=float, nargs="+", default=[1.0],
                      help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from server import context
 from server.engine import Engine, SegmentSampling
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
+from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
 LN2 = math.log(2.0)
 OVERLAP_NGRAM = 13
@@ -56,8 +56,8 @@ class EvalSettings:
     stride: int = 16
     query_tokens: int = 32
     layout: str = "prepend"
-    knn_lambda: float = 0.25
-    knn_k: int = 16
+    knn_lambda: float = DEFAULT_KNN_LAMBDA
+    knn_k: int = DEFAULT_KNN_K
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     knn_skip_above_prob: float = 1.0
     """Token mode: adaptive retrieval threshold (1: always search)."""

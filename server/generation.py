@@ -20,7 +20,7 @@ from typing import Any
 
 from server import context
 from server.engine import Engine, SegmentSampling
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
+from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class LoopSettings:
     layout: str = "prepend"
     shard_policy: str = "partial"
     return_logprobs: bool = False
-    knn_lambda: float = 0.25
-    knn_k: int = 16
+    knn_lambda: float = DEFAULT_KNN_LAMBDA
+    knn_k: int = DEFAULT_KNN_K
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     knn_skip_above_prob: float = 1.0
     knn_pointer_min: int = 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
-from server.knn_settings import DEFAULT_KNN_TEMPERATURE
+from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
 from server.errors import DatastoreUnavailable, InvalidArgument
 
 MAX_SEED = 2**31 - 1
@@ -102,9 +102,9 @@ class GenerationRequest:
     return_provenance: bool = False
     return_token_ids: bool = False
     return_logprobs: bool = False
-    knn_lambda: float = 0.25
+    knn_lambda: float = DEFAULT_KNN_LAMBDA
     """Token mode: λ of λ·p_kNN + (1-λ)·p_LM."""
-    knn_k: int = 16
+    knn_k: int = DEFAULT_KNN_K
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE
     knn_skip_above_prob: float = 1.0
     """Token mode: skip the search on steps whose LM max probability is above this (1: never)."""

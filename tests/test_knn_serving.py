@@ -164,12 +164,14 @@ def test_window_plan_covers_every_position_once():
 
 
 def test_info_reports_the_token_datastore_and_mode(client, token_datastore):
+    from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA
+
     info = client.info()
     assert info.token_datastore.loaded and info.token_datastore.mode == "token"
     assert info.token_datastore.path == str(token_datastore)
     assert pb.RETRIEVAL_MODE_TOKEN in info.retrieval_defaults.available_modes
     assert pb.RETRIEVAL_MODE_CHUNK not in info.retrieval_defaults.available_modes
-    assert info.retrieval_defaults.knn_k == 16 and 0 < info.retrieval_defaults.knn_lambda < 1
+    assert info.retrieval_defaults.knn_k == DEFAULT_KNN_K and info.retrieval_defaults.knn_lambda == DEFAULT_KNN_LAMBDA
 
 
 def test_lambda_zero_reproduces_the_models_own_logprobs_exactly(knn_server, token_datastore):
