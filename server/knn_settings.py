@@ -22,7 +22,7 @@ DEFAULT_KNN_K = 64
 and `--knn-lambda 0.25 --knn-k 64`, T 30): k 16 -> 64 gives 0.8832 -> 0.8782 bits per byte at λ 0.2
 and 0.8849 -> 0.8778 at λ 0.3; λ 0.2 / 0.25 / 0.3 at k 64: 0.8782 / 0.8768 / 0.8778 (model alone
 0.9969)."""
-DEFAULT_KNN_POINTER_POOL = 128
+DEFAULT_KNN_POINTER_POOL = 256
 """Engine default: how many of a search's nearest entries seed a request's pointer set (RetoMaton)."""
 DEFAULT_KNN_POINTER_RADIUS = 0.0
 """Engine default of the pointer distance gate (server/knn_speed.py find_neighbours); 0: off."""
