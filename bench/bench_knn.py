@@ -64,15 +64,16 @@ class Row:
 
 
 def scenarios(args) -> list[Scenario]:
+    """Rows in order; pointers get a row per --pointer-min value, the combinations use the first."""
+    first = args.pointer_min[0]
     out = [Scenario("model alone", "main", "none"), Scenario("kNN-LM", "main", "token"),
-           Scenario(f"adaptive skip>{args.skip_above_prob:g}", "main", "token", skip_above_prob=args.skip_above_prob),
-           Scenario(f"pointers>={args.pointer_min}", "main", "token", pointer_min=args.pointer_min),
-           Scenario(f"adaptive+pointers", "main", "token", skip_above_prob=args.skip_above_prob,
-                    pointer_min=args.pointer_min)]
+           Scenario(f"adaptive skip>{args.skip_above_prob:g}", "main", "token", skip_above_prob=args.skip_above_prob)]
+    out += [Scenario(f"pointers>={m}", "main", "token", pointer_min=m) for m in args.pointer_min]
+    out.append(Scenario(f"adaptive+pointers>={first}", "main", "token", skip_above_prob=args.skip_above_prob,
+                        pointer_min=first))
     if args.merged_datastore:
         out.append(Scenario("greedy-merged", "merged", "token"))
-        out.append(Scenario(f"greedy-merged+pointers>={args.pointer_min}", "merged", "token",
-                            pointer_min=args.pointer_min))
+        out.append(Scenario(f"greedy-merged+pointers>={first}", "merged", "token", pointer_min=first))
     if args.pca_datastore:
         out.append(Scenario("PCA", "pca", "token"))
     return out
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn-k", type=int, default=DEFAULT_KNN_K)
     parser.add_argument("--knn-temperature", type=float, default=DEFAULT_KNN_TEMPERATURE)
     parser.add_argument("--skip-above-prob", type=float, default=0.9, help="adaptive retrieval threshold")
-    parser.add_argument("--pointer-min", type=int, default=4, help="pointer following minimum")
+    parser.add_argument("--pointer-min", type=int, nargs="+", default=[4],
+                        help="pointer following minimum (a row each; the combined rows use the first)")
     parser.add_argument("--knn-pointer-pool", type=int, default=DEFAULT_KNN_POINTER_POOL,
                         help="engine setting: a search's nearest entries that seed the pointer set")
     parser.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,
