@@ -252,6 +252,7 @@ def build_token_datastore(config: TokenBuildConfig) -> TokenBuildResult:
     seconds["keys"] = key_stats.pop("key_seconds")
 
     keys = np.concatenate(keys_per_doc, axis=0) if keys_per_doc else np.zeros((0, hidden), np.float32)
+    del keys_per_doc  # the per-document arrays would otherwise stay alive beside `keys` and the index
     values = np.concatenate([np.asarray(ids[1:], dtype=np.int32) for ids in token_lists])
     doc_ids = np.concatenate([np.full(len(ids) - 1, number, dtype=np.int32) for number, ids in enumerate(token_lists)])
     next_ids = np.arange(1, n + 1, dtype=np.int64)
