@@ -74,7 +74,8 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from server import knn_speed
-from server.knn_settings import DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, HF_CONFIG_KEY, KNN_ARCHITECTURE, KnnRequestSettings
+from server.knn_settings import (DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, HF_CONFIG_KEY, KNN_ARCHITECTURE,
+                                 KnnRequestSettings)
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
             observed = np.zeros(len(active), dtype=np.int64)
         found = knn_speed.find_neighbours(self.datastore, queries, k, pointer_min, chain, observed, start_ids,
                                           self._key_distances,
-                                          pointer_pool=np.full(len(slots), self._pointer_pool),
+                                          pointer_pool=self._pointer_pool,
                                           pointer_radius=self._pointer_radius, start_radius=start_radius)
         if pointer_min.any():
             self._remember_pointers(slots, positions, found)

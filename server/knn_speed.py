@@ -168,13 +168,13 @@ class Neighbours:
 
 def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.ndarray, chain: np.ndarray,
                     tokens: np.ndarray, start_ids: dict, keys: KeyDistances | None = None,
-                    prefetch: int = 64, pointer_pool: np.ndarray | None = None, pointer_radius: float = 0.0,
+                    prefetch: int = 64, pointer_pool: int = 0, pointer_radius: float = 0.0,
                     start_radius: dict | None = None) -> Neighbours:
     """Neighbours of every row, following pointers where a row's `pointer_min` > 0 allows it.
 
     store: a TokenDatastore (search, values, next_ids). queries: float32 [n, dim] full size.
-    k, pointer_min, pointer_pool: int [n] per row (pool: how many of a search's nearest seed the
-    pointer set, at least k; None: k). chain: int [n]: rows with equal chain are consecutive
+    k, pointer_min: int [n] per row. pointer_pool: how many of a search's nearest seed a row's
+    pointer set (at least the row's k; 0: k). chain: int [n]: rows with equal chain are consecutive
     positions of one sequence, in increasing order (a request's prompt-log-prob rows, or its one
     decode row). tokens: int [n], the token observed at each row's position (its input token), the
     one the previous position's neighbours must have predicted. start_ids: chain -> the neighbour
@@ -195,9 +195,8 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
     n = len(queries)
     k = np.asarray(k, dtype=np.int64)
     pointer_min = np.asarray(pointer_min, dtype=np.int64)
-    pool = k if pointer_pool is None else np.maximum(np.asarray(pointer_pool, dtype=np.int64), k)
+    pool = np.maximum(k, pointer_pool)
     k_max = int(k.max()) if n else 1
-    pool_max = int(pool[pointer_min > 0].max()) if (pointer_min > 0).any() else k_max
     out_d = np.full((n, k_max), PAD_DISTANCE, dtype=np.float32)
     out_i = np.full((n, k_max), -1, dtype=np.int64)
     searched = np.zeros(n, dtype=bool)
@@ -243,7 +242,8 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
                 if len(candidates) >= pointer_min[row]:
                     distances, ids = nearest_of(keys, in_space[space_row[row]], candidates,
                                                 max(int(k[row]), len(candidates)))
-                    near = (distances <= pointer_radius * radius[c]).sum() if pointer_radius > 0 else len(candidates)
+                    near = ((distances[ids >= 0] <= pointer_radius * radius[c]).sum() if pointer_radius > 0
+                            else len(candidates))
                     if near >= pointer_min[row]:
                         keep(row, distances, ids)
                         previous[c] = result.pointer_sets[row] = ids[ids >= 0]
@@ -257,7 +257,7 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
             for c, row in must_search:
                 rows = chains[c]
                 batch += [r for r in rows[wave: wave + max(1, prefetch)] if r not in fetched]
-            distances, ids = search(np.asarray(batch), pool_max)
+            distances, ids = search(np.asarray(batch), int(pool[batch].max()))
             for j, row in enumerate(batch):
                 fetched[row] = (distances[j], ids[j])
         for c, row in heads:

@@ -91,7 +91,7 @@ def test_a_pointer_pool_wider_than_k_keeps_following_where_the_k_nearest_mispred
             store, queries, k=np.full(n, k), pointer_min=np.full(n, 2), chain=np.zeros(n, dtype=int),
             tokens=tokens[:LENGTH], start_ids={}, keys=keys_space, prefetch=1, pointer_pool=pool)
 
-    narrow, wide = run(None), run(np.full(n, COPIES))
+    narrow, wide = run(0), run(COPIES)
     assert np.nonzero(narrow.searched)[0].tolist() == [0, 10]
     assert np.nonzero(wide.searched)[0].tolist() == [0]
     assert len(wide.pointer_sets[0]) == COPIES and len(narrow.pointer_sets[0]) == k
