@@ -46,6 +46,7 @@ LAYOUTS = {
     None: pb.CONTEXT_LAYOUT_UNSPECIFIED,
     "prepend": pb.CONTEXT_LAYOUT_PREPEND,
     "after_prompt": pb.CONTEXT_LAYOUT_AFTER_PROMPT,
+    "suffix": pb.CONTEXT_LAYOUT_SUFFIX,
 }
 SHARD_POLICIES = {
     None: pb.SHARD_POLICY_UNSPECIFIED,
@@ -91,8 +92,8 @@ def build_generate_request(
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
-    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "prepend" |
-    "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
+    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "suffix" |
+    "prepend" | "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
     """
     request = pb.GenerateRequest(prompt=prompt)
     if request_id is not None:

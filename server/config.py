@@ -20,7 +20,7 @@ RETRIEVAL_MODES = ("none", "chunk", "token")
 ENGINE_MAX_TEMPERATURE = 2.0
 """vLLM 0.32's SamplingParams refuses temperatures above this (VLLMValidationError): a bound
 above it let requests pass validation and fail inside the engine as INTERNAL."""
-CONTEXT_LAYOUTS = ("prepend", "after_prompt")
+CONTEXT_LAYOUTS = ("suffix", "prepend", "after_prompt")
 """Context layouts of chunk mode; server/context.py LAYOUTS must list the same."""
 SHARD_POLICIES = ("partial", "require_all")
 """What a retrieval does when a datastore shard is down or late, as the API's ShardPolicy enum
@@ -100,9 +100,16 @@ class RetrievalDefaults:
     mode: str = "chunk"
     """Retrieval mode for requests that leave it unspecified: one of RETRIEVAL_MODES. A server
     without a datastore of that mode falls back to "none" for such requests."""
-    layout: str = "prepend"
+    layout: str = "suffix"
     """Context layout for requests that leave it unspecified: one of CONTEXT_LAYOUTS
-    (server/context.py explains both)."""
+    (server/context.py explains them)."""
+    keep_same_neighbours: bool = True
+    """When a retrieval returns the chunks already in the context (in any order), continue the
+    previous context instead of laying it out again, so the engine computes no prompt tokens anew."""
+    keep_rank_margin: int = 0
+    """With keep_same_neighbours: also keep the neighbours in the context while each of them is
+    still among a new retrieval's k + this many nearest (fetched for the check). 0: only the same
+    chunks are kept. Trades a little quality for fewer re-layouts (README, Measured)."""
     shard_policy: str = "partial"
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in
@@ -133,6 +140,8 @@ class RetrievalDefaults:
             raise ValueError(f"{self.neighbours=} must be in [1, {self.max_neighbours=}]")
         if not self.min_stride <= self.stride <= self.max_stride:
             raise ValueError(f"{self.stride=} must be in [{self.min_stride=}, {self.max_stride=}]")
+        if not 0 <= self.keep_rank_margin <= self.max_neighbours:
+            raise ValueError(f"{self.keep_rank_margin=} must be in [0, {self.max_neighbours=}]")
         if not 1 <= self.query_tokens <= self.max_query_tokens:
             raise ValueError(f"{self.query_tokens=} must be in [1, {self.max_query_tokens=}]")
         if not 0.0 <= self.knn_lambda <= 1.0:

@@ -1,12 +1,23 @@
 """Context layout for chunk retrieval: where neighbours go relative to the prompt and the output.
 
 Used by the server's generation loop and by `retroserve eval`, so evaluation scores exactly the
-contexts the server builds. Two layouts:
-- `prepend` (In-Context RALM): [neighbours][prompt][generated]. Neighbours sit right before the text
-  they condition; every new retrieval changes the prefix, so the prompt is re-prefilled.
-- `after_prompt`: [prompt][neighbours][generated]. The prompt stays a stable prefix that vLLM's
-  prefix cache keeps across retrievals (only whole KV blocks of an identical prefix are reused).
+contexts the server builds (`next_context` is the one function both call). Three layouts:
+- `suffix` (default): [prompt][generated][neighbours][the last SUFFIX_REPEAT_TOKENS tokens again].
+  Everything before the neighbours is the text itself, which only grows from span to span, so
+  vLLM's prefix cache keeps it; the neighbours still sit right before the text they condition,
+  because the latest text is repeated after them. A new retrieval computes the neighbours, the
+  repeated tail and the text's last partial KV block, not the whole context.
+- `prepend` (In-Context RALM): [neighbours][prompt][generated]. Every new retrieval changes the
+  prefix, so the whole context is prefilled again.
+- `after_prompt`: [prompt][neighbours][generated]. Only the prompt stays a cached prefix, and the
+  generated text no longer follows its own beginning (quality suffers).
 Within the neighbour block the best neighbour comes last, nearest the text it conditions.
+
+Across spans, `next_context` keeps the previous context (and the engine's cached KV of it) when a
+retrieval returns the same chunks in any order: the next span then continues the previous engine
+prompt plus its output, which is what one uninterrupted engine request would have computed. With a
+rank margin m > 0 it also keeps them while each is still among the new k + m nearest (a RaLMSpec-
+like trade: fewer re-layouts for neighbours that are slightly worse than the freshest ones).
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-LAYOUTS = ("prepend", "after_prompt")
+LAYOUTS = ("suffix", "prepend", "after_prompt")
+SUFFIX_REPEAT_TOKENS = 32
+"""Suffix layout: how many of the latest text tokens follow the neighbour block again (the
+default query length: the text the neighbours were retrieved for)."""
 SEPARATOR_TEXT = "\n\n"
 """What follows each neighbour in the neighbour block."""
 
@@ -29,6 +43,7 @@ def separator_ids(tokenizer) -> tuple[int, ...]:
 
 
 class NeighbourTokens(Protocol):
+    chunk_id: int
     chunk_tokens: Sequence[int]
     continuation_tokens: Sequence[int]
 
@@ -40,6 +55,10 @@ class BuiltContext:
     """Tokens of the neighbour block (0 without retrieval)."""
     dropped_text_tokens: int
     """Oldest prompt/output tokens left out to fit the context window."""
+    neighbour_ids: tuple[int, ...] = ()
+    """Chunk ids of the neighbours in the block, in block order."""
+    continued: bool = False
+    """True when this is the previous span's context plus its output (same neighbours)."""
 
 
 def neighbour_block(neighbours: Sequence[NeighbourTokens], separator: Sequence[int]) -> list[int]:
@@ -58,7 +77,7 @@ def build_context(
     neighbours: Sequence[NeighbourTokens],
     separator: Sequence[int],
     max_context_tokens: int,
-    layout: str = "prepend",
+    layout: str = "suffix",
     prefix_ids: Sequence[int] = (),
 ) -> BuiltContext:
     """Token ids for the engine, at most `max_context_tokens` long.
@@ -76,12 +95,44 @@ def build_context(
     while neighbours and len(block) > budget // 2:
         neighbours = neighbours[:-1]
         block = neighbour_block(neighbours, separator)
-    keep = max(0, budget - len(block))
+    repeat = min(SUFFIX_REPEAT_TOKENS, len(text), max(0, budget - len(block))) if layout == "suffix" and block else 0
+    keep = max(0, budget - len(block) - repeat)
     dropped = max(0, len(text) - keep)
-    if layout == "prepend" or dropped:
+    if layout == "suffix":
+        ids = list(prefix_ids) + text[dropped:] + block + (text[len(text) - repeat:] if repeat else [])
+    elif layout == "prepend" or dropped:
         # Once the prompt no longer fits whole it cannot be a stable prefix anyway.
         ids = list(prefix_ids) + block + text[dropped:]
     else:
         prompt_len = len(prompt_ids)
         ids = list(prefix_ids) + text[:prompt_len] + block + text[prompt_len:]
-    return BuiltContext(ids, len(block), dropped)
+    return BuiltContext(ids, len(block), dropped, tuple(n.chunk_id for n in reversed(neighbours)))
+
+
+def next_context(
+    previous: BuiltContext | None,
+    previous_output: Sequence[int],
+    prompt_ids: Sequence[int],
+    generated_ids: Sequence[int],
+    neighbours: Sequence[NeighbourTokens],
+    separator: Sequence[int],
+    max_context_tokens: int,
+    layout: str = "suffix",
+    prefix_ids: Sequence[int] = (),
+    keep_same_neighbours: bool = True,
+    candidates: Sequence[NeighbourTokens] | None = None,
+) -> BuiltContext:
+    """The context of the next span: `previous` (the last span's context) followed by
+    `previous_output` (what was generated after it) when the chunks already in it are as many as
+    the new `neighbours` and all among `candidates` (the new k + margin nearest; default: the
+    new neighbours themselves, i.e. the same chunks in any order), and that still fits; otherwise
+    a fresh `build_context` with the new neighbours."""
+    if keep_same_neighbours and previous is not None:
+        candidate_ids = {n.chunk_id for n in (neighbours if candidates is None else candidates)}
+        same = len(previous.neighbour_ids) == len(neighbours) and set(previous.neighbour_ids) <= candidate_ids
+        length = len(previous.token_ids) + len(previous_output)
+        if same and length <= max_context_tokens:
+            return BuiltContext(list(previous.token_ids) + list(previous_output), previous.neighbour_tokens,
+                                previous.dropped_text_tokens, previous.neighbour_ids, continued=True)
+    return build_context(prompt_ids, generated_ids, neighbours, separator, max_context_tokens,
+                         layout=layout, prefix_ids=prefix_ids)

@@ -2,8 +2,9 @@
 
 One user request becomes a sequence of engine segments. Before each segment (chunk mode) the last
 `query_tokens` tokens of prompt+output form a query; its k neighbours, fetched through the
-cross-request batcher, are laid out in the context (server/context.py) and the engine continues
-for up to `stride` tokens. Concurrent requests share engine batches (vLLM continuous batching)
+cross-request batcher, are laid out in the context (server/context.py: the default layout keeps the
+text a growing prefix that vLLM's prefix cache holds, and the same neighbours returned again
+continue the previous context) and the engine continues for up to `stride` tokens. Concurrent requests share engine batches (vLLM continuous batching)
 and retrieval batches (the batcher). Stop sequences and the time limit are enforced here, across
 segment boundaries, and the engine request is aborted whenever the loop ends early.
 """
@@ -77,6 +78,13 @@ class GenerationResult:
     """Prompt tokens the engine was given over all segments (re-prefills included)."""
     cached_prompt_tokens: int
     """Of those, tokens served from vLLM's prefix cache."""
+    continued_segments: int = 0
+    """Retrievals that returned the chunks already in the context, so the segment continued it."""
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        """Prompt tokens the engine computed (not served from the prefix cache)."""
+        return self.engine_prompt_tokens - self.cached_prompt_tokens
 
 
 @dataclass
@@ -98,7 +106,11 @@ class LoopSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "prepend"
+    layout: str = "suffix"
+    keep_same_neighbours: bool = True
+    """Continue the previous context when a retrieval returns the chunks already in it."""
+    keep_rank_margin: int = 0
+    """Also continue it while those chunks are among the new k + this many nearest."""
     shard_policy: str = "partial"
     return_logprobs: bool = False
     knn_lambda: float = DEFAULT_KNN_LAMBDA
@@ -172,6 +184,12 @@ class Generator:
         max_stop = max((len(s) for s in settings.stop_sequences), default=0)
         segment = 0
         neighbours: list[Any] = []
+        candidates: list[Any] = []
+        margin = settings.keep_rank_margin if settings.keep_same_neighbours else 0
+        built: context.BuiltContext | None = None
+        """The previous segment's context; `segment_start` is where its output began."""
+        segment_start = 0
+        continued_segments = 0
         unsent = GenerationDelta()
         """Tokens, log-probs and retrievals of the delta a stop sequence ended (sent with the result)."""
 
@@ -182,24 +200,35 @@ class Generator:
             if use_retrieval:
                 history = prompt_ids + generated
                 query_ids = history[-settings.query_tokens :]
-                query_text, neighbours, seconds, missing = await self.retrieve(
-                    batcher, query_ids, settings.neighbours, settings.shard_policy)
+                query_text, candidates, seconds, missing = await self.retrieve(
+                    batcher, query_ids, settings.neighbours + margin, settings.shard_policy)
                 retrieval_s += seconds
                 start_char = len(self.decode(generated))
+            built = context.next_context(
+                built if use_retrieval else None,
+                generated[segment_start:],
+                prompt_ids,
+                generated,
+                candidates[: settings.neighbours] if use_retrieval else [],
+                self.separator_ids,
+                self.engine.max_model_len - span,
+                layout=settings.layout,
+                keep_same_neighbours=settings.keep_same_neighbours,
+                candidates=candidates,
+            )
+            if use_retrieval:
+                if not built.continued or not margin:
+                    neighbours = candidates[: settings.neighbours]
+                # Provenance names the neighbours in the context: the retrieval's own (the same
+                # chunks), or with a rank margin the kept ones when the context continued.
                 event = RetrievalEvent(
                     query_text, len(generated), len(generated), start_char, start_char,
                     neighbours=neighbours, seconds=seconds, missing_shards=missing,
                 )
                 retrievals.append(event)
                 pending.append(event)
-            built = context.build_context(
-                prompt_ids,
-                generated,
-                neighbours if use_retrieval else [],
-                self.separator_ids,
-                self.engine.max_model_len - span,
-                layout=settings.layout,
-            )
+            continued_segments += built.continued
+            segment_start = len(generated)
             engine_prompt_tokens += len(built.token_ids)
             sampling = SegmentSampling(
                 max_tokens=span,
@@ -268,7 +297,8 @@ class Generator:
         if self.metrics is not None:
             self.metrics.observe_generation(
                 len(prompt_ids), len(generated), len(retrievals), cached_tokens,
-                engine_prompt_tokens=engine_prompt_tokens,
+                engine_prompt_tokens=engine_prompt_tokens, mode=settings.retrieval_mode,
+                continued_segments=continued_segments,
             )
         result = GenerationResult(
             text=final_text,
@@ -284,6 +314,7 @@ class Generator:
             retrieval_s=retrieval_s,
             engine_prompt_tokens=engine_prompt_tokens,
             cached_prompt_tokens=cached_tokens,
+            continued_segments=continued_segments,
         )
         tail = final_text[emitted_chars:] if len(final_text) > emitted_chars else ""
         yield GenerationDelta(text=tail, token_ids=unsent.token_ids, logprobs=unsent.logprobs,

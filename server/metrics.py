@@ -35,6 +35,8 @@ RETRIEVAL_PHASES = ("embed", "search", "payload")
 CACHE_KINDS = ("exact", "approximate")
 SWAP_OUTCOMES = ("ok", "refused", "error")
 """Datastore hot swaps: swapped; refused (failed verification, old one kept); error (unexpected)."""
+GENERATION_MODES = ("none", "chunk", "token")
+SEGMENT_CONTEXTS = ("continued", "rebuilt")
 SHARD_FAILURE_REASONS = ("timeout", "unavailable", "error")
 """Why a datastore shard's results were missing (retriever.datastore.MissingShard.reason)."""
 
@@ -49,7 +51,7 @@ class Metrics:
       time_to_first_token      Histogram retroserve_time_to_first_token_seconds{mode}
       inter_token_latency      Histogram retroserve_inter_token_latency_seconds{mode}
       prompt_tokens            Counter   retroserve_prompt_tokens_total
-      generated_tokens         Counter   retroserve_generated_tokens_total
+      generated_tokens         Counter   retroserve_generated_tokens_total{mode}
       requests_running         Gauge     retroserve_requests_running
       requests_waiting         Gauge     retroserve_requests_waiting
     Retrieval:
@@ -76,6 +78,12 @@ class Metrics:
     Prefix cache (hit rate = cached / engine prompt tokens):
       engine_prompt_tokens     Counter   retroserve_engine_prompt_tokens_total  (re-prefills included)
       prefix_cache_cached_tokens Counter retroserve_prefix_cache_cached_tokens_total
+    What retrieval costs the engine, on any hardware (computed / generated tokens, by mode):
+      computed_prompt_tokens   Counter   retroserve_computed_prompt_tokens_total{mode}  (engine
+                                         prompt tokens not served from the prefix cache)
+      chunk_segments           Counter   retroserve_chunk_segments_total{context}  (context =
+                                         continued: the retrieval returned the chunks already in
+                                         the context | rebuilt: laid out anew)
     Token mode (kNN-LM; read from the engine process's KnnStats at scrape time, `watch_knn`):
       knn rows                 Counter   retroserve_knn_rows_total{how}  (how = searched | pointer |
                                          skipped: neighbours from a search, from pointers, or none
@@ -108,7 +116,7 @@ class Metrics:
         self.prompt_tokens = Counter(
             name("prompt_tokens"), "Prompt tokens of finished generation requests.", **common)
         self.generated_tokens = Counter(
-            name("generated_tokens"), "Tokens generated.", **common)
+            name("generated_tokens"), "Tokens generated, by retrieval mode.", ["mode"], **common)
         self.requests_running = Gauge(
             name("requests_running"), "Generation requests being decoded now.", **common)
         self.requests_waiting = Gauge(
@@ -145,6 +153,14 @@ class Metrics:
         self.prefix_cache_cached_tokens = Counter(
             name("prefix_cache_cached_tokens"),
             "Of the engine prompt tokens, those served from vLLM's prefix cache.", **common)
+        self.computed_prompt_tokens = Counter(
+            name("computed_prompt_tokens"),
+            "Engine prompt tokens computed (not served from the prefix cache), by retrieval mode.",
+            ["mode"], **common)
+        self.chunk_segments = Counter(
+            name("chunk_segments"),
+            "Chunk-mode segments after a retrieval: the previous context continued (same chunks) or rebuilt.",
+            ["context"], **common)
         self.datastore_swaps = Counter(
             name("datastore_swaps"),
             "Datastore hot swaps (Admin.ReloadDatastore, SIGHUP) by outcome.", ["outcome"], **common)
@@ -159,6 +175,11 @@ class Metrics:
             self.cache_hits.labels(kind=kind)
         for outcome in SWAP_OUTCOMES:
             self.datastore_swaps.labels(outcome=outcome)
+        for mode in GENERATION_MODES:
+            self.generated_tokens.labels(mode=mode)
+            self.computed_prompt_tokens.labels(mode=mode)
+        for how in SEGMENT_CONTEXTS:
+            self.chunk_segments.labels(context=how)
 
     def watch_knn(self, read_stats) -> None:
         """Expose the kNN-LM counters `read_stats()` returns (server/engine.py Engine.knn_stats)."""
@@ -190,15 +211,22 @@ class Metrics:
         retrievals: int,
         cached_tokens: int,
         engine_prompt_tokens: int | None = None,
+        mode: str = "none",
+        continued_segments: int = 0,
     ) -> None:
         """One finished generation request. Pass `engine_prompt_tokens` to make the prefix-cache
-        hit rate computable (cached / engine prompt tokens)."""
+        hit rate (cached / engine prompt tokens) and the computed prompt tokens computable."""
         self.prompt_tokens.inc(prompt_tokens)
-        self.generated_tokens.inc(generated_tokens)
+        self.generated_tokens.labels(mode=mode).inc(generated_tokens)
         self.retrievals_per_request.observe(retrievals)
         self.prefix_cache_cached_tokens.inc(cached_tokens)
         if engine_prompt_tokens is not None:
             self.engine_prompt_tokens.inc(engine_prompt_tokens)
+            self.computed_prompt_tokens.labels(mode=mode).inc(max(0, engine_prompt_tokens - cached_tokens))
+        if mode == "chunk" and retrievals:
+            self.chunk_segments.labels(context="continued").inc(continued_segments)
+            # The first segment has no previous context to continue: it counts as neither.
+            self.chunk_segments.labels(context="rebuilt").inc(max(0, retrievals - 1 - continued_segments))
 
     def observe_first_token(self, seconds: float, mode: str = "none") -> None:
         self.time_to_first_token.labels(mode=mode).observe(seconds)

@@ -42,6 +42,8 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         knn_temperature=defaults.knn_temperature,
         knn_skip_above_prob=defaults.knn_skip_above_prob,
         knn_pointer_min=defaults.knn_pointer_min,
+        keep_same_neighbours=defaults.keep_same_neighbours,
+        keep_rank_margin=defaults.keep_rank_margin,
     )
 
 

@@ -101,6 +101,7 @@ def _summary_fields(result: GenerationResult, request_id: str) -> dict:
         prefix_cache=pb.PrefixCacheStats(
             engine_prompt_tokens=result.engine_prompt_tokens,
             cached_prompt_tokens=result.cached_prompt_tokens,
+            continued_segments=result.continued_segments,
         ),
         request_id=request_id,
     )

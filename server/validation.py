@@ -33,6 +33,7 @@ MODE_TO_PB = {name: number for number, name in MODE_FROM_PB.items()}
 LAYOUT_FROM_PB = {
     pb.CONTEXT_LAYOUT_PREPEND: "prepend",
     pb.CONTEXT_LAYOUT_AFTER_PROMPT: "after_prompt",
+    pb.CONTEXT_LAYOUT_SUFFIX: "suffix",
 }
 LAYOUT_TO_PB = {name: number for number, name in LAYOUT_FROM_PB.items()}
 SHARD_POLICY_FROM_PB = {
@@ -96,7 +97,11 @@ class GenerationRequest:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "prepend"
+    layout: str = "suffix"
+    keep_same_neighbours: bool = True
+    """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
+    keep_rank_margin: int = 0
+    """Server-wide (RetrievalDefaults.keep_rank_margin), not a request field."""
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
     return_provenance: bool = False
@@ -114,7 +119,7 @@ class GenerationRequest:
     LOOP_FIELDS = (
         "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
-        "query_tokens", "layout", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
+        "query_tokens", "layout", "keep_same_neighbours", "keep_rank_margin", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
         "knn_temperature", "knn_skip_above_prob", "knn_pointer_min",
     )
 
@@ -233,6 +238,8 @@ class GenerationRequest:
             stride=stride,
             query_tokens=query_tokens,
             layout=layout,
+            keep_same_neighbours=defaults.keep_same_neighbours,
+            keep_rank_margin=defaults.keep_rank_margin,
             shard_policy=shard_policy,
             return_provenance=retrieval.return_provenance,
             return_token_ids=request.response.return_token_ids,

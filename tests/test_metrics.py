@@ -69,6 +69,8 @@ def test_names_follow_prometheus_conventions(endpoint):
         "retroserve_shard_failures": "counter",
         "retroserve_engine_prompt_tokens": "counter",
         "retroserve_prefix_cache_cached_tokens": "counter",
+        "retroserve_computed_prompt_tokens": "counter",
+        "retroserve_chunk_segments": "counter",
         "retroserve_datastore_swaps": "counter",
         "retroserve_retired_datastores_open": "gauge",
     }
@@ -92,7 +94,7 @@ def test_counters_move_with_observations(endpoint):
     metrics.observe_rpc("Generate", "chunk", "OK", 0.5)
     metrics.observe_rpc("Generate", "none", "INVALID_ARGUMENT", 0.001)
     metrics.observe_generation(prompt_tokens=12, generated_tokens=64, retrievals=4, cached_tokens=100,
-                               engine_prompt_tokens=300)
+                               engine_prompt_tokens=300, mode="chunk", continued_segments=1)
     metrics.observe_first_token(0.2, mode="chunk")
     metrics.observe_token_gap(0.09, tokens=3, mode="chunk")
     metrics.observe_retrieval(0.004)
@@ -110,7 +112,12 @@ def test_counters_move_with_observations(endpoint):
     assert after["retroserve_request_duration_seconds_count{mode=chunk,rpc=Generate}"] == 1
     assert after["retroserve_request_duration_seconds_sum{mode=chunk,rpc=Generate}"] == pytest.approx(0.5)
     assert after["retroserve_prompt_tokens_total{}"] == before["retroserve_prompt_tokens_total{}"] + 12
-    assert after["retroserve_generated_tokens_total{}"] == 64
+    assert after["retroserve_generated_tokens_total{mode=chunk}"] == 64
+    assert after["retroserve_generated_tokens_total{mode=none}"] == 0
+    assert after["retroserve_computed_prompt_tokens_total{mode=chunk}"] == 300 - 100
+    # 4 retrievals: the first builds the context, one continued it, two rebuilt it.
+    assert after["retroserve_chunk_segments_total{context=continued}"] == 1
+    assert after["retroserve_chunk_segments_total{context=rebuilt}"] == 2
     assert after["retroserve_retrievals_per_request_sum{}"] == 4
     assert after["retroserve_prefix_cache_cached_tokens_total{}"] == 100
     assert after["retroserve_engine_prompt_tokens_total{}"] == 300
@@ -191,7 +198,7 @@ def test_one_endpoint_serves_other_collectors_of_the_same_registry():
     finally:
         stop_metrics_server(server, thread)
     assert samples["vllm:prompt_tokens_total{}"] == 7
-    assert "retroserve_generated_tokens_total{}" in samples
+    assert "retroserve_generated_tokens_total{mode=none}" in samples
 
 
 def test_two_metrics_on_one_registry_are_refused():

@@ -236,6 +236,96 @@ def test_prefix_cache_reuse_is_measured(server, client):
     assert reply.prefix_cache.cached_prompt_tokens < reply.prefix_cache.engine_prompt_tokens
 
 
+class FixedNeighbours:
+    """A retrieval batcher that answers every query with the given rows of real datastore
+    neighbours in turn, so a test decides when consecutive retrievals return the same chunks."""
+
+    def __init__(self, *rows):
+        self.rows = rows
+        self.calls = 0
+
+    async def retrieve(self, query_text: str, k: int):
+        row = self.rows[self.calls % len(self.rows)]
+        self.calls += 1
+        return list(row)[:k]
+
+
+def run_loop(server, batcher, **overrides):
+    """One request through the server's generation loop and engine (greedy); its GenerationResult."""
+    import uuid
+
+    from server.generation import Generator, LoopSettings
+
+    settings = LoopSettings(**{"prompt": PROMPT, "max_new_tokens": 24, "retrieval_mode": "chunk", "neighbours": 2,
+                               "stride": 6, **overrides})
+
+    async def collect():
+        async for delta in Generator(server.running.engine).generate(settings, f"fixed-{uuid.uuid4().hex}",
+                                                                    batcher=batcher):
+            if delta.result is not None:
+                return delta.result
+
+    return server.call(collect(), timeout=LONG_WAIT_S)
+
+
+def test_the_suffix_layout_keeps_prompt_and_output_cached_across_new_neighbours(server):
+    """[prompt][output][neighbours][latest tokens]: a re-prompt with new neighbours finds the text
+    before them in the prefix cache, so it computes far fewer tokens than prepend does."""
+    from pydoc_data.topics import topics
+
+    from server import context
+
+    prompt = (topics["try"] + topics["with"])[:3000]
+    found = server.running.retrieval.datastore.search_texts([prompt], 4)[0]
+    rows = (found[:2], found[2:])  # disjoint: every retrieval changes the neighbours
+    suffix = run_loop(server, FixedNeighbours(*rows), prompt=prompt, stride=4, max_new_tokens=12)
+    prepend = run_loop(server, FixedNeighbours(*rows), prompt=prompt, stride=4, max_new_tokens=12,
+                       layout="prepend")
+    assert suffix.continued_segments == prepend.continued_segments == 0
+    assert suffix.prompt_tokens > 512 and len(suffix.retrievals) == 3
+    assert suffix.cached_prompt_tokens >= 2 * 512  # the prompt's blocks, in both later segments
+    # Each later segment computes at most: the neighbours, the repeated tail, the text's last partial
+    # KV block and the span generated since (the floor plus less than one block).
+    separator = context.separator_ids(server.running.engine.tokenizer)
+    block = max(len(context.neighbour_block(row, separator)) for row in rows)
+    first_segment = suffix.prompt_tokens + len(context.neighbour_block(rows[0], separator)) + context.SUFFIX_REPEAT_TOKENS
+    per_segment = block + context.SUFFIX_REPEAT_TOKENS + server.running.engine.config.block_size + 4
+    assert suffix.computed_prompt_tokens <= first_segment + 2 * per_segment
+    assert suffix.computed_prompt_tokens < prepend.computed_prompt_tokens
+
+
+def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_request(server):
+    """Continuing the context across retrievals computes exactly what one engine request over the
+    first context computes, and recomputes almost no prompt token."""
+    from server import context
+    from server.engine import SegmentSampling
+
+    found = server.running.retrieval.datastore.search_texts([PROMPT], 2)[0]
+    kept = run_loop(server, FixedNeighbours(found, found[::-1]))
+    assert kept.continued_segments == len(kept.retrievals) - 1 == 3
+    engine = server.running.engine
+    first = context.build_context(engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"], [], found,
+                                  context.separator_ids(engine.tokenizer), engine.max_model_len - 24)
+
+    async def uninterrupted():
+        tokens = []
+        async for delta in engine.generate_segment(first.token_ids, SegmentSampling(max_tokens=24), "uninterrupted"):
+            tokens.extend(delta.token_ids)
+        return tokens
+
+    assert kept.token_ids == server.call(uninterrupted(), timeout=LONG_WAIT_S)
+    relaid = run_loop(server, FixedNeighbours(found, found[::-1]), keep_same_neighbours=False)
+    assert relaid.continued_segments == 0
+    assert kept.computed_prompt_tokens < relaid.computed_prompt_tokens
+
+
+def test_a_time_limit_stops_chunk_mode_mid_span_and_frees_the_engine(server, client):
+    reply = client.generate(PROMPT, mode="chunk", stride=4, max_new_tokens=500, time_limit_ms=300)
+    assert reply.stop_reason == pb.STOP_REASON_TIME_LIMIT
+    assert reply.generated_token_count < 500
+    assert wait_until(lambda: engine_idle(server)), "engine request still running after the time limit"
+
+
 def test_stop_sequence_cuts_the_text(server, client):
     greedy = client.generate(PROMPT, mode="none", max_new_tokens=24).text
     stop = greedy[8:12]
@@ -366,7 +456,9 @@ def test_metrics_endpoint_reports_requests_latency_retrieval_and_engine(server, 
     assert samples['retroserve_retrieval_cache_hits_total{kind="exact"}'] >= 1  # repeated prompts above
     assert samples["retroserve_retrieval_cache_misses_total{}"] >= 1
     assert samples["retroserve_engine_prompt_tokens_total{}"] > samples["retroserve_prompt_tokens_total{}"]
-    assert samples["retroserve_generated_tokens_total{}"] >= 8
+    assert samples['retroserve_generated_tokens_total{mode="chunk"}'] >= 8
+    assert 0 < samples['retroserve_computed_prompt_tokens_total{mode="chunk"}'] <= samples[
+        "retroserve_engine_prompt_tokens_total{}"]
     assert samples["retroserve_requests_running{}"] == 0 and samples["retroserve_requests_waiting{}"] == 0
     assert any(name.startswith("vllm:") for name in samples), "vLLM's engine metrics are missing"
 

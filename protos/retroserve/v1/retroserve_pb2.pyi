@@ -19,6 +19,7 @@ class ContextLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTEXT_LAYOUT_UNSPECIFIED: _ClassVar[ContextLayout]
     CONTEXT_LAYOUT_PREPEND: _ClassVar[ContextLayout]
     CONTEXT_LAYOUT_AFTER_PROMPT: _ClassVar[ContextLayout]
+    CONTEXT_LAYOUT_SUFFIX: _ClassVar[ContextLayout]
 
 class ShardPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +50,7 @@ RETRIEVAL_MODE_TOKEN: RetrievalMode
 CONTEXT_LAYOUT_UNSPECIFIED: ContextLayout
 CONTEXT_LAYOUT_PREPEND: ContextLayout
 CONTEXT_LAYOUT_AFTER_PROMPT: ContextLayout
+CONTEXT_LAYOUT_SUFFIX: ContextLayout
 SHARD_POLICY_UNSPECIFIED: ShardPolicy
 SHARD_POLICY_PARTIAL: ShardPolicy
 SHARD_POLICY_REQUIRE_ALL: ShardPolicy
@@ -203,12 +205,14 @@ class GenerationTiming(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., retrieval_ms: _Optional[float] = ..., retrievals: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStats(_message.Message):
-    __slots__ = ("engine_prompt_tokens", "cached_prompt_tokens")
+    __slots__ = ("engine_prompt_tokens", "cached_prompt_tokens", "continued_segments")
     ENGINE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     engine_prompt_tokens: int
     cached_prompt_tokens: int
-    def __init__(self, engine_prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    continued_segments: int
+    def __init__(self, engine_prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., continued_segments: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "generated_token_count", "prompt_token_count", "stop_reason", "stop_sequence", "seed", "retrievals", "token_ids", "logprobs", "timing", "prefix_cache", "request_id")
@@ -409,7 +413,7 @@ class LimitsInfo(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
-    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min")
+    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min", "keep_same_neighbours", "keep_rank_margin")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +431,8 @@ class RetrievalDefaultsInfo(_message.Message):
     KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     KNN_SKIP_ABOVE_PROB_FIELD_NUMBER: _ClassVar[int]
     KNN_POINTER_MIN_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SAME_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RANK_MARGIN_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     max_neighbours: int
@@ -444,7 +450,9 @@ class RetrievalDefaultsInfo(_message.Message):
     knn_temperature: float
     knn_skip_above_prob: float
     knn_pointer_min: int
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ...) -> None: ...
+    keep_same_neighbours: bool
+    keep_rank_margin: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ..., keep_same_neighbours: _Optional[bool] = ..., keep_rank_margin: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version", "token_datastore")
