@@ -34,10 +34,14 @@ from server.client import RetroserveClient, build_generate_request  # noqa: E402
 
 SCENARIOS = {
     "none": dict(mode="none"),
-    "chunk-stride64": dict(mode="chunk", stride=64, layout="prepend"),
-    "chunk-stride64-k1": dict(mode="chunk", stride=64, layout="prepend", neighbours=1),
-    "chunk-stride32": dict(mode="chunk", stride=32, layout="prepend"),
-    "chunk-stride16": dict(mode="chunk", stride=16, layout="prepend"),
+    # The server's default layout (suffix) unless the name pins one.
+    "chunk-stride64": dict(mode="chunk", stride=64),
+    "chunk-stride64-k1": dict(mode="chunk", stride=64, neighbours=1),
+    "chunk-stride32": dict(mode="chunk", stride=32),
+    "chunk-stride16": dict(mode="chunk", stride=16),
+    "chunk-stride64-prepend": dict(mode="chunk", stride=64, layout="prepend"),
+    "chunk-stride32-prepend": dict(mode="chunk", stride=32, layout="prepend"),
+    "chunk-stride16-prepend": dict(mode="chunk", stride=16, layout="prepend"),
     "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
 }
 
@@ -51,6 +55,8 @@ class Outcome:
     retrieval_ms: float
     engine_prompt_tokens: int
     cached_prompt_tokens: int
+    retrievals: int
+    continued_segments: int
 
 
 @dataclass
@@ -66,6 +72,11 @@ class Row:
     inter_token_p99_ms: float
     retrieval_ms_per_request: float
     prefix_cache_hit_rate: float
+    computed_prompt_per_generated: float
+    """Engine prompt tokens computed (not from the prefix cache) per generated token."""
+    continued_fraction: float
+    """Of the retrievals after each request's first, those that returned the chunks already in the
+    context (the segment continued it)."""
     wall_s: float
     extra: dict = field(default_factory=dict)
 
@@ -113,6 +124,8 @@ async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> 
         retrieval_ms=final.timing.retrieval_ms,
         engine_prompt_tokens=final.prefix_cache.engine_prompt_tokens,
         cached_prompt_tokens=final.prefix_cache.cached_prompt_tokens,
+        retrievals=final.timing.retrievals,
+        continued_segments=final.prefix_cache.continued_segments,
     )
 
 
@@ -134,6 +147,8 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
     ttfts = sorted(o.ttft_s * 1000 for o in outcomes)
     gaps = sorted(g * 1000 for o in outcomes for g in o.gaps_s)
     engine_tokens = sum(o.engine_prompt_tokens for o in outcomes)
+    computed = engine_tokens - sum(o.cached_prompt_tokens for o in outcomes)
+    later_retrievals = sum(max(0, o.retrievals - 1) for o in outcomes)
     return Row(
         scenario=name,
         concurrency=concurrency,
@@ -146,6 +161,8 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
         inter_token_p99_ms=percentile(gaps, 0.99) if gaps else float("nan"),
         retrieval_ms_per_request=statistics.mean(o.retrieval_ms for o in outcomes),
         prefix_cache_hit_rate=sum(o.cached_prompt_tokens for o in outcomes) / engine_tokens if engine_tokens else 0.0,
+        computed_prompt_per_generated=computed / max(1, sum(o.tokens for o in outcomes)),
+        continued_fraction=sum(o.continued_segments for o in outcomes) / later_retrievals if later_retrievals else 0.0,
         wall_s=wall,
     )
 
@@ -153,6 +170,7 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
 def start_server(port: int, metrics_port: int, extra: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "server.cli", "serve", "--address", f"127.0.0.1:{port}",
                "--metrics-address", f"127.0.0.1:{metrics_port}", *extra]
+    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     log = open(REPO / "bench" / "results" / "bench_serving_server.log", "w")
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     with RetroserveClient(f"127.0.0.1:{port}") as client:
@@ -197,7 +215,8 @@ def main() -> int:
             info = client.info()
         rows = []
         print(f"{'scenario':30s} {'conc':>4s} {'req':>4s} {'tok/s':>7s} {'vs none':>7s} {'p50 s':>6s} "
-              f"{'ttft50':>7s} {'ttft99':>7s} {'itl50':>6s} {'itl99':>6s} {'retr ms':>8s} {'prefix hit':>10s}")
+              f"{'ttft50':>7s} {'ttft99':>7s} {'itl50':>6s} {'itl99':>6s} {'retr ms':>8s} {'prefix hit':>10s} "
+              f"{'computed/gen':>12s} {'same chunks':>11s}")
         baseline: dict[int, float] = {}
         used = 0
         for name in args.scenarios:
@@ -215,7 +234,8 @@ def main() -> int:
                 print(f"{row.scenario:30s} {row.concurrency:4d} {row.requests:4d} {row.output_tokens_per_s:7.1f} "
                       f"{ratio:7.2f} {row.request_p50_s:6.2f} {row.ttft_p50_ms:7.0f} {row.ttft_p99_ms:7.0f} "
                       f"{row.inter_token_p50_ms:6.1f} {row.inter_token_p99_ms:6.1f} "
-                      f"{row.retrieval_ms_per_request:8.1f} {row.prefix_cache_hit_rate:10.3f}", flush=True)
+                      f"{row.retrieval_ms_per_request:8.1f} {row.prefix_cache_hit_rate:10.3f} "
+                      f"{row.computed_prompt_per_generated:12.2f} {row.continued_fraction:11.2f}", flush=True)
         report = {
             "model": {"path": info.model.path, "quantization": info.model.quantization, "dtype": info.model.dtype,
                       "device": info.model.device},

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def settings_ablations(args) -> list[tuple[str, object, EvalSettings]]:
     """(factor, value, settings) for the base and each one-factor change of k, stride, query."""
     base = EvalSettings(mode="chunk", neighbours=args.k[0], stride=args.stride[0],
-                        query_tokens=args.query_tokens[0], layout=args.layout[0])
+                        query_tokens=args.query_tokens[0], layout=args.layout[0],
+                        keep_same_neighbours=args.keep_same_neighbours)
     rows = [("base", None, base)]
     rows += [("k", k, replace(base, neighbours=k)) for k in args.k[1:]]
     rows += [("stride", s, replace(base, stride=s)) for s in args.stride[1:]]
@@ -80,7 +81,7 @@ def _annotate(row: dict, factor: str, value, datastore_dir: Path, extra: dict) -
 
 
 async def ablate_async(args, engine=None) -> dict:
-    from server.eval_cli import (_heldout, _model_dir, _with_engine, print_table, score_grid,
+    from server.eval_cli import (_heldout, _model_dir, _with_engine, add_intervals, print_table, score_grid,
                                  write_results)
 
     documents = _heldout(args)
@@ -105,6 +106,7 @@ async def ablate_async(args, engine=None) -> dict:
         return rows
 
     rows = await _with_engine(model_dir, args, engine, work)
+    add_intervals(rows)
     print_table(rows)
     print_ablations(rows)
     payload = {"command": "ablate", "documents": [d.source for d in documents], "base": rows[1]["settings"],

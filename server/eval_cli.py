@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from server import context
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,10 @@ def settings_grid(args) -> list:
     from server.evaluation import EvalSettings
 
     grid = [EvalSettings(mode="none")]
-    for k, stride, query, layout in itertools.product(args.k, args.stride, args.query_tokens, args.layout):
-        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout))
+    for k, stride, query, layout, margin in itertools.product(args.k, args.stride, args.query_tokens, args.layout,
+                                                              args.keep_rank_margin):
+        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout,
+                                 keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=margin))
     if getattr(args, "token_datastore", None):
         for lam, k, temperature, skip, pointers in itertools.product(
                 args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob, args.knn_pointer_min):
@@ -190,18 +193,40 @@ def overlap_report(documents, datastore_dir: Path, model_dir: Path, max_doc_char
 # -- reporting ---------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[dict], out=None) -> None:
-    out = out or sys.stdout
-    baseline = {r["model"]: r["bits_per_byte"] for r in rows if r["settings"]["mode"] == "none"}
-    out.write(f"{'model':38s} {'setting':38s} {'entries':>8s} {'bits/byte':>9s} {'vs alone':>8s} "
-              f"{'retr s':>7s} {'score s':>8s}\n")
+def add_intervals(rows: list[dict]) -> None:
+    """Each retrieval row gets `vs_alone` (its model alone on the same documents) and, after the
+    first retrieval row of a model, `vs_first` (that row): paired bootstrap over documents."""
+    from server.evaluation import paired_bootstrap
+
+    alone = {r["model"]: r for r in rows if r["settings"]["mode"] == "none"}
+    first: dict[str, dict] = {}
     for row in rows:
-        base = baseline.get(row["model"])
-        change = f"{(row['bits_per_byte'] / base - 1) * 100:+.1f}%" if base and row["settings"]["mode"] != "none" else ""
-        entries = str(row.get("datastore", {}).get("entries", ""))
-        out.write(f"{Path(row['model']).name[:38]:38s} {row['label'][:38]:38s} {entries:>8s} "
-                  f"{row['bits_per_byte']:9.4f} {change:>8s} {row['retrieval_seconds']:7.1f} "
-                  f"{row['scoring_seconds']:8.1f}\n")
+        if row["settings"]["mode"] == "none":
+            continue
+        if row["model"] in alone:
+            row["vs_alone"] = paired_bootstrap(alone[row["model"]]["per_document"], row["per_document"])
+        if row["model"] in first:
+            row["vs_first"] = paired_bootstrap(first[row["model"]]["per_document"], row["per_document"])
+        first.setdefault(row["model"], row)
+
+
+def _percent(interval: dict | None) -> str:
+    if not interval:
+        return ""
+    return (f"{interval['change'] * 100:+.1f}% [{interval['low'] * 100:+.1f}, {interval['high'] * 100:+.1f}] "
+            f"{interval['documents_worse']}/{interval['documents']}")
+
+
+def print_table(rows: list[dict], out=None) -> None:
+    """Bits per byte per setting; changes with their 95% interval and documents worse (of all)."""
+    out = out or sys.stdout
+    out.write(f"{'model':30s} {'setting':38s} {'tokens':>7s} {'bits/byte':>9s} {'vs alone [95%] worse':>30s} "
+              f"{'vs first row [95%] worse':>30s} {'computed/tok':>12s} {'score s':>8s}\n")
+    for row in rows:
+        computed = row.get("computed_prompt_tokens", row.get("engine_prompt_tokens", 0)) / max(1, row["tokens"])
+        out.write(f"{Path(row['model']).name[:30]:30s} {row['label'][:38]:38s} {row['tokens']:7d} "
+                  f"{row['bits_per_byte']:9.4f} {_percent(row.get('vs_alone')):>30s} "
+                  f"{_percent(row.get('vs_first')):>30s} {computed:12.1f} {row['scoring_seconds']:8.1f}\n")
 
 
 def plot_settings(rows: list[dict], path: Path) -> None:
@@ -328,6 +353,7 @@ async def run_async(args, engine=None) -> dict:
         rows += await score_model_alone(Path(reference), documents, args)
     payload = {"command": "run", "documents": [d.source for d in documents], "rows": rows,
                "max_doc_chars": args.max_doc_chars}
+    add_intervals(rows)
     if datastore_dir is not None:
         loop = asyncio.get_running_loop()
         payload["overlap"] = await loop.run_in_executor(
@@ -394,6 +420,7 @@ async def sweep_async(args, engine=None) -> dict:
         except Exception as error:  # one reference model that vLLM cannot load must not lose the sweep
             log.error("reference model %s could not be scored: %s", reference, error)
             payload["failed_references"].append({"model": str(reference), "error": str(error)})
+    add_intervals(references + rows)
     print_table(references + rows)
     path = write_results(args.output_dir, payload)
     plot_sweep(rows, references, args.output_dir / "sweep.png")
@@ -433,9 +460,16 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
     parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
-    parser.add_argument("--layout", nargs="+", default=["prepend"], choices=["prepend", "after_prompt"],
-                        help="context layout (grid): neighbours before the document so far, or between "
-                             "it and the scored span (the document prefix then stays in vLLM's prefix cache)")
+    parser.add_argument("--layout", nargs="+", default=[context.LAYOUTS[0]], choices=context.LAYOUTS,
+                        help="context layout (grid; server/context.py explains each): the document so far, "
+                             "then the neighbours and its latest tokens again (suffix, the server's default); "
+                             "neighbours before the document so far (prepend); or between it and the scored span")
+    parser.add_argument("--no-keep-same-neighbours", dest="keep_same_neighbours", action="store_false",
+                        help="lay the context out again even when a retrieval returns the chunks already in it "
+                             "(the server's --no-keep-same-neighbours)")
+    parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[0],
+                        help="keep the context's neighbours while each is among the new k + M nearest (grid; "
+                             "the server's --keep-rank-margin)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
 
 
@@ -457,7 +491,13 @@ def add_eval_commands(groups) -> None:
     split.add_argument("--seed", type=int, default=0)
     split.set_defaults(func=_handles_errors(run_split))
 
-    run = commands.add_parser("run", help="score held-out documents alone and with retrieval (settings grid)")
+    run = commands.add_parser(
+        "run", help="score held-out documents alone and with retrieval (settings grid)",
+        description="Scores held-out documents alone and with each setting of the grid. Every retrieval row "
+                    "reports its relative change in bits per byte against the model alone and against the "
+                    "first retrieval row, each with a 95%% interval from a paired bootstrap over documents "
+                    "(10,000 resamples, seed 0) and the number of documents that got worse; results.json "
+                    "holds the per-document scores they come from (vs_alone, vs_first).")
     run.add_argument("--split", type=Path, default=None)
     run.add_argument("--heldout", type=Path, nargs="+", default=None)
     run.add_argument("--datastore", type=Path, default=None, help="omit to score the model alone")

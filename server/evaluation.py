@@ -2,8 +2,9 @@
 
 Every document is scored in order, the way generation sees it. In chunk mode the document is cut
 into spans of `stride` tokens; span j is scored after the neighbours retrieved for the `query_tokens`
-tokens before it, laid out by server/context.py exactly as the generation loop lays out a
-re-prompt, and the engine's prompt log-probs give the span's NLL. The first span has nothing to
+tokens before it, laid out by server/context.py's `next_context` exactly as the generation loop
+lays out a re-prompt (a span whose neighbours are the previous span's continues its context), and
+the engine's prompt log-probs give the span's NLL. The first span has nothing to
 retrieve with and is scored from the document start alone (In-Context RALM does the same).
 
 Bits per byte = total NLL (nats) / ln 2 / UTF-8 bytes of the scored text: tokenizer-free, so models
@@ -55,7 +56,11 @@ class EvalSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "prepend"
+    layout: str = "suffix"
+    keep_same_neighbours: bool = True
+    """Continue the previous span's context when its neighbours come back (the server's default)."""
+    keep_rank_margin: int = 0
+    """... or while they are among the new k + this many nearest (RetrievalDefaults.keep_rank_margin)."""
     knn_lambda: float = DEFAULT_KNN_LAMBDA
     knn_k: int = DEFAULT_KNN_K
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE
@@ -76,8 +81,10 @@ class EvalSettings:
             speed = (f" skip>{self.knn_skip_above_prob:g}" if self.knn_skip_above_prob < 1 else "") + (
                 f" pointers>={self.knn_pointer_min}" if self.knn_pointer_min else "")
             return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
-        layout = "" if self.layout == "prepend" else f" {self.layout}"
-        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}"
+        layout = "" if self.layout == "suffix" else f" {self.layout}"
+        keep = (" relaid" if not self.keep_same_neighbours
+                else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin else "")
+        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}{keep}"
 
 
 @dataclass
@@ -101,6 +108,10 @@ class EvalResult:
     retrieval_seconds: float = 0.0
     scoring_seconds: float = 0.0
     engine_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    """Engine prompt tokens not served from vLLM's prefix cache."""
+    continued_spans: int = 0
+    """Spans whose neighbours were the previous span's, so they continued its context."""
 
     @property
     def bits_per_byte(self) -> float:
@@ -120,6 +131,8 @@ class EvalResult:
             "retrieval_seconds": self.retrieval_seconds,
             "scoring_seconds": self.scoring_seconds,
             "engine_prompt_tokens": self.engine_prompt_tokens,
+            "computed_prompt_tokens": self.computed_prompt_tokens,
+            "continued_spans": self.continued_spans,
             "per_document": [asdict(d) | {"bits_per_byte": d.bits_per_byte} for d in self.documents],
         }
 
@@ -145,6 +158,8 @@ class _Span:
     start: int
     end: int
     neighbours: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
+    """The k + keep_rank_margin nearest (neighbours are the first k)."""
 
 
 RetrieveFn = Callable[[list[str], int], list[list]]
@@ -172,19 +187,22 @@ class Evaluator:
         return text, self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
-                               knn: KnnRequestSettings | None = None) -> float:
-        """Sum of log-probs of the last `scored` prompt tokens."""
+                               knn: KnnRequestSettings | None = None) -> tuple[float, int]:
+        """(sum of log-probs of the last `scored` prompt tokens, prompt tokens from the prefix cache)."""
         sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, knn=knn)
         values = None
+        cached = 0
         async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):
             if delta.prompt_logprobs is not None:
                 values = delta.prompt_logprobs
+            if delta.num_cached_tokens:
+                cached = delta.num_cached_tokens
         if values is None:
             raise RuntimeError("the engine returned no prompt log-probs")
         tail = values[len(prompt_ids) - scored:]
         if any(v is None for v in tail):
             raise RuntimeError("a scored position has no log-prob")
-        return float(sum(tail))
+        return float(sum(tail)), cached
 
     def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
         spans = []
@@ -206,13 +224,15 @@ class Evaluator:
         decode = self.engine.tokenizer.decode
         queries = [decode(tokens[s.document][max(0, s.start - settings.query_tokens): s.start],
                           skip_special_tokens=True) for s in queried]
-        results = self.retrieve(queries, settings.neighbours + self.exclusion_margin)
+        margin = settings.keep_rank_margin if settings.keep_same_neighbours else 0
+        results = self.retrieve(queries, settings.neighbours + margin + self.exclusion_margin)
         for span, found in zip(queried, results):
             source = source_key(documents[span.document].source)
             kept = [n for n in found if source_key(n.source) != source]
             scores[span.document].excluded_neighbours += len(found) - len(kept)
             scores[span.document].retrievals += 1
             span.neighbours = kept[: settings.neighbours]
+            span.candidates = kept[: settings.neighbours + margin]
 
     async def evaluate(self, documents: Sequence[EvalDocument], settings: EvalSettings) -> EvalResult:
         texts, tokens = zip(*(self.tokenize(d) for d in documents)) if documents else ((), ())
@@ -225,29 +245,67 @@ class Evaluator:
         await loop.run_in_executor(None, self._attach_neighbours, spans, tokens, documents, settings, scores)
         retrieval_seconds = time.perf_counter() - started
 
+        contexts = self._contexts(spans, tokens, settings)
         limit = asyncio.Semaphore(self.concurrency)
-        engine_tokens = 0
+        engine_tokens = cached_tokens = 0
 
-        async def score(number: int, span: _Span) -> None:
-            nonlocal engine_tokens
-            ids = tokens[span.document]
-            target = ids[span.start: span.end]
-            # The document so far is the prompt of the span, as if a client had sent it and asked
-            # for the next `stride` tokens: the layout then places neighbours as the server would.
-            built = context.build_context(
-                ids[: span.start], [], span.neighbours, self.separator_ids,
-                self.engine.max_model_len - len(target) - 1, layout=settings.layout, prefix_ids=self.start_ids,
-            )
+        async def score(number: int, span: _Span, built: context.BuiltContext) -> None:
+            nonlocal engine_tokens, cached_tokens
+            target = tokens[span.document][span.start: span.end]
             prompt = built.token_ids + target
             engine_tokens += len(prompt)
             async with limit:
-                logprob = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}",
-                                                      settings.knn())
+                logprob, cached = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}",
+                                                              settings.knn())
+            cached_tokens += cached
             scores[span.document].nll_nats -= logprob
 
         started = time.perf_counter()
-        await asyncio.gather(*(score(n, s) for n, s in enumerate(spans) if s.end > s.start))
-        return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started, engine_tokens)
+        await asyncio.gather(*(score(n, s, c) for n, (s, c) in enumerate(zip(spans, contexts)) if s.end > s.start))
+        return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started, engine_tokens,
+                          engine_tokens - cached_tokens, sum(c.continued for c in contexts))
+
+    def _contexts(self, spans: list[_Span], tokens, settings: EvalSettings) -> list[context.BuiltContext]:
+        """Each span's context, built in document order with the generation loop's `next_context`:
+        the document so far is the prompt, as if a client had sent it and asked for the next
+        `stride` tokens, and a span whose neighbours are its predecessor's continues that context."""
+        contexts: list[context.BuiltContext] = []
+        previous: _Span | None = None
+        for span in spans:
+            ids = tokens[span.document]
+            same_document = previous is not None and previous.document == span.document
+            contexts.append(context.next_context(
+                contexts[-1] if same_document else None,
+                ids[previous.start: previous.end] if same_document else [],
+                ids[: span.start], [], span.neighbours, self.separator_ids,
+                self.engine.max_model_len - (span.end - span.start) - 1, layout=settings.layout,
+                prefix_ids=self.start_ids, keep_same_neighbours=settings.keep_same_neighbours,
+                candidates=span.candidates,
+            ))
+            if contexts[-1].continued and settings.keep_rank_margin:
+                span.neighbours = previous.neighbours  # the ones its context holds
+            previous = span
+        return contexts
+
+
+def paired_bootstrap(base: Sequence[dict], other: Sequence[dict], samples: int = 10_000,
+                     seed: int = 0) -> dict:
+    """Relative change of byte-weighted bits per byte from `base` to `other` (per-document score
+    dicts of the same documents, in the same order: EvalResult.to_dict()["per_document"]) with a
+    95% percentile interval from resampling documents with replacement (the unit that varies)."""
+    import numpy as np
+
+    if [d["source"] for d in base] != [d["source"] for d in other]:
+        raise ValueError("paired_bootstrap needs the same documents in the same order")
+    size = np.array([d["bytes"] for d in base], dtype=np.float64)
+    nll_base = np.array([d["nll_nats"] for d in base], dtype=np.float64)
+    nll_other = np.array([d["nll_nats"] for d in other], dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(base), size=(samples, len(base)))
+    changes = nll_other[draws].sum(axis=1) / nll_base[draws].sum(axis=1) - 1.0
+    low, high = np.percentile(changes, [2.5, 97.5])
+    worse = int(np.sum(nll_other / size > nll_base / size))
+    return {"change": float(nll_other.sum() / nll_base.sum() - 1.0), "low": float(low), "high": float(high),
+            "documents": len(base), "documents_worse": worse}
 
 
 def ngram_overlap(heldout_tokens: Sequence[Sequence[int]], datastore_tokens: Sequence[Sequence[int]],

@@ -169,3 +169,18 @@ def test_eval_cli_names_a_bad_split_file(tmp_path, capsys):
     assert args.func(args) == 2
     assert "retroserve eval split" in capsys.readouterr().err
 
+
+def test_paired_bootstrap_gives_the_byte_weighted_change_and_an_interval_around_it():
+    from server.evaluation import paired_bootstrap
+
+    base = [{"source": f"d{i}", "bytes": 100 + 10 * i, "nll_nats": 50.0 + i} for i in range(12)]
+    other = [dict(d, nll_nats=d["nll_nats"] * (0.9 if i % 3 else 1.02)) for i, d in enumerate(base)]
+    result = paired_bootstrap(base, other)
+    total_base = sum(d["nll_nats"] for d in base)
+    assert result["change"] == pytest.approx(sum(d["nll_nats"] for d in other) / total_base - 1)
+    assert result["low"] < result["change"] < result["high"] < 0
+    assert result["documents_worse"] == 4 and result["documents"] == 12
+    same = paired_bootstrap(base, base)
+    assert same["change"] == same["low"] == same["high"] == 0 and same["documents_worse"] == 0
+    with pytest.raises(ValueError, match="same documents"):
+        paired_bootstrap(base, other[::-1])
