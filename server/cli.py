@@ -186,10 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True,
                                    metavar="{model,datastore,serve,retriever,generate,eval}")
 
-    model = groups.add_parser("model", help="prepare the served model").add_subparsers(dest="command", required=True)
+    model = groups.add_parser("model", help="prepare and check the served model").add_subparsers(dest="command", required=True)
     prepare = model.add_parser("prepare", help="GGUF or HF model -> 4-bit GPTQ checkpoint in the cache")
     add_model_prepare_arguments(prepare)
     prepare.set_defaults(func=run_model_prepare)
+    check = model.add_parser("check", help="served engine vs a float32 transformers reference on a fixed text: "
+                                           "log-prob deviation, greedy agreement, bits per byte (exit 1 past bounds)")
+    from server import model_check
+
+    model_check.add_arguments(check)
+    check.set_defaults(func=model_check.run)
 
     datastore = groups.add_parser("datastore", help="build and inspect datastores")
     datastore_commands = datastore.add_subparsers(dest="command", required=True)

@@ -1,0 +1,60 @@
+"""`retroserve model check` on the session's real engine: it passes on the served model, and fails
+past a too-tight bound or against other weights (a reference with one layer's weights replaced
+stands for a served model that computes something else).
+
+The command runs on the session server's event loop with its engine (`check_async(args,
+engine)`), so no second vLLM engine is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server import model_check
+from server.cli import build_parser
+
+pytestmark = pytest.mark.engine
+
+
+def run_check(server, capsys, *flags) -> tuple[int, dict]:
+    args = build_parser().parse_args(["model", "check", *flags])
+    status = server.call(model_check.check_async(args, engine=server.running.engine), timeout=300)
+    out = capsys.readouterr().out
+    return status, json.loads(out.strip().splitlines()[-1])
+
+
+def test_model_check_passes_on_the_served_model(server, capsys):
+    status, verdict = run_check(server, capsys)
+    assert status == 0 and verdict["passed"] and verdict["problems"] == []
+    assert verdict["tokens"] > 500 and verdict["greedy_checked"] > 200
+    assert verdict["greedy_agree"] == verdict["greedy_checked"]
+    assert verdict["kernels"]["linear"].startswith(("W4A16", "dense"))  # never int8 activations
+
+
+def test_model_check_fails_past_a_too_tight_bound(server, capsys):
+    status, verdict = run_check(server, capsys, "--max-logprob-dev", "0.001")
+    assert status == 1 and not verdict["passed"]
+    assert len(verdict["problems"]) == 1 and "max log-prob deviation" in verdict["problems"][0]
+
+
+def test_model_check_fails_against_other_weights(server, capsys, monkeypatch):
+    """The reference with layer 10's down_proj holding layer 11's weights (a wrong-weights bug):
+    the check fails. (A 10% scale of one projection stays within bf16 rounding and passes; see
+    server/model_check.py.)"""
+    import torch
+
+    load = model_check.load_reference
+
+    def other_weights(model_dir):
+        model = load(model_dir)
+        layers = model.model.layers
+        with torch.no_grad():
+            layers[10].mlp.down_proj.weight.copy_(layers[11].mlp.down_proj.weight)
+        return model
+
+    monkeypatch.setattr(model_check, "load_reference", other_weights)
+    status, verdict = run_check(server, capsys)
+    assert status == 1 and not verdict["passed"]
+    assert verdict["mean_logprob_dev"] > model_check.Bounds().mean_logprob_dev
