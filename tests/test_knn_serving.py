@@ -26,6 +26,12 @@ from protos.retroserve.v1 import retroserve_pb2 as pb
 pytestmark = pytest.mark.engine
 
 LAMBDA_HIGH = 0.9
+KEY_COSINE_MIN = 0.995
+"""Smallest cosine between a build-time key (HF transformers, bf16) and the serving hidden state
+(vLLM, bf16) at the same position: two bf16 computations of the same weights differ by rounding
+only. Measured on AMD EPYC Zen 4 (W4A16, vec attention): min 0.99931, mean 0.99985 over 199
+positions, so 0.995 leaves 7x that distance from 1 for other CPUs' bf16 kernels; an AMX Xeon
+serving with vLLM's default int8-activation W4A8 path measured 0.9874 (issue 14; the server now turns that path off, server/cpu_kernels.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +238,7 @@ def test_build_time_keys_match_serving_hidden_states(knn_server, token_datastore
     keys = store.index.reconstruct_batch(entries[positions].astype(np.int64))
     cosine = (queries * keys).sum(1) / np.linalg.norm(queries, axis=1) / np.linalg.norm(keys, axis=1)
     print(f"cosine build-time key vs serving query: min {cosine.min():.5f} mean {cosine.mean():.5f}")
-    assert cosine.min() >= 0.99
+    assert cosine.min() >= KEY_COSINE_MIN
     assert np.mean(nearest == entries[positions]) >= 0.9  # the query finds its own key
 
 
