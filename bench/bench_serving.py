@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
+from server import validation  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
 
 SCENARIOS = {
@@ -43,6 +44,10 @@ SCENARIOS = {
     "chunk-stride32-prepend": dict(mode="chunk", stride=32, layout="prepend"),
     "chunk-stride16-prepend": dict(mode="chunk", stride=16, layout="prepend"),
     "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
+    # Keep the context's neighbours while they are among the new k + M nearest (RaLMSpec-like).
+    "chunk-stride16-keep2": dict(mode="chunk", stride=16, keep_rank_margin=2),
+    "chunk-stride16-keep6": dict(mode="chunk", stride=16, keep_rank_margin=6),
+    "chunk-stride16-keep14": dict(mode="chunk", stride=16, keep_rank_margin=14),
 }
 
 
@@ -193,7 +198,8 @@ def main() -> int:
     parser.add_argument("--address", help="benchmark a running server instead of starting one")
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--scenarios", nargs="+", default=[name for name in SCENARIOS if not name.endswith("-k1")],
+    parser.add_argument("--scenarios", nargs="+",
+                        default=[name for name in SCENARIOS if not name.endswith("-k1") and "-keep" not in name],
                         choices=list(SCENARIOS))
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -241,6 +247,8 @@ def main() -> int:
                       "device": info.model.device},
             "datastore": {"path": info.datastore.path, "entries": info.datastore.entry_count,
                           "index": info.datastore.index_factory},
+            "default_layout": validation.LAYOUT_FROM_PB.get(info.retrieval_defaults.layout, "prepend"),
+            "scenarios": {name: SCENARIOS[name] for name in args.scenarios},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": [asdict(row) for row in rows],
         }

@@ -1,6 +1,6 @@
 """Embed chunk texts in fixed shards that are saved as they finish, so a killed build resumes.
 
-Embedding dominates a build on a CPU (see FACTS.md), so its output is checkpointed: shard i holds
+Embedding dominates a build on a CPU, so its output is checkpointed: shard i holds
 the embeddings of chunks [i*shard_size, (i+1)*shard_size) as `shard-00000i.npy`, written to a
 temporary name and renamed. Shard boundaries depend only on the chunk order and shard size, so a
 resumed build computes exactly the batches an uninterrupted one would, and gets the same floats.

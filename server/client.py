@@ -89,6 +89,7 @@ def build_generate_request(
     knn_temperature: float | None = None,
     knn_skip_above_prob: float | None = None,
     knn_pointer_min: int | None = None,
+    keep_rank_margin: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
@@ -111,7 +112,8 @@ def build_generate_request(
     request.retrieval.shard_policy = _enum(shard_policy, SHARD_POLICIES, "shard_policy")
     for name, value in (("neighbours", neighbours), ("stride", stride), ("query_tokens", query_tokens),
                         ("knn_lambda", knn_lambda), ("knn_k", knn_k), ("knn_temperature", knn_temperature),
-                        ("knn_skip_above_prob", knn_skip_above_prob), ("knn_pointer_min", knn_pointer_min)):
+                        ("knn_skip_above_prob", knn_skip_above_prob), ("knn_pointer_min", knn_pointer_min),
+                        ("keep_rank_margin", keep_rank_margin)):
         if value is not None:
             setattr(request.retrieval, name, value)
     request.retrieval.return_provenance = return_provenance

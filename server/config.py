@@ -28,7 +28,7 @@ names them (lower case, no prefix): use the other shards' neighbours, or fail wi
 
 @dataclass
 class EngineConfig:
-    """vLLM engine settings; the defaults are the ones FACTS.md found fast on a 2-core CPU."""
+    """vLLM engine settings; the defaults are the ones measured fast on a 2-core CPU."""
 
     model_dir: Path = field(default_factory=paths.default_model_dir)
     """Prepared model directory (`retroserve model prepare`)."""
@@ -107,9 +107,10 @@ class RetrievalDefaults:
     """When a retrieval returns the chunks already in the context (in any order), continue the
     previous context instead of laying it out again, so the engine computes no prompt tokens anew."""
     keep_rank_margin: int = 0
-    """With keep_same_neighbours: also keep the neighbours in the context while each of them is
-    still among a new retrieval's k + this many nearest (fetched for the check). 0: only the same
-    chunks are kept. Trades a little quality for fewer re-layouts (README, Measured)."""
+    """With keep_same_neighbours, for requests that leave retrieval.keep_rank_margin unset: also
+    keep the neighbours in the context while each of them is still among a new retrieval's k +
+    this many nearest (fetched for the check). 0: only the same chunks are kept. Trades a little
+    quality for fewer re-layouts (README, Measured)."""
     shard_policy: str = "partial"
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in

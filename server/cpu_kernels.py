@@ -18,7 +18,7 @@ writes, with bf16 activations (server/checkpoint.py `serving_dtype`):
   "vec" on x86 (line 557). No environment variable or engine setting selects it; only a block
   size that is not a multiple of 32 ("vec16", line 558) or fp32 activations avoid it. Both kernels
   compute bf16 products with fp32 accumulation, so the AMX path is left as it is: a block size of
-  16 would change prefix caching (FACTS.md: 128-token blocks) for a rounding-level difference.
+  16 would change prefix caching (whole blocks are reused) for a rounding-level difference.
 
 So the server turns W4A8 off (`pin_accurate_cpu_kernels`, called before the engine starts; the
 spawned engine process inherits the environment). An operator who prefers W4A8's speed can set

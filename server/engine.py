@@ -3,7 +3,7 @@
 The generation loop (server/generation.py) drives the engine in segments: every retrieval changes
 the context, so one user request becomes several engine requests over token-id prompts. This
 module hides vLLM's types from the rest of the server and owns engine-wide settings (KV cache size,
-prefix caching, eager mode) that FACTS.md found fast on the CPU.
+prefix caching, eager mode) measured fast on the CPU.
 """
 
 from __future__ import annotations

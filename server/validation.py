@@ -101,7 +101,6 @@ class GenerationRequest:
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
     keep_rank_margin: int = 0
-    """Server-wide (RetrievalDefaults.keep_rank_margin), not a request field."""
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
     return_provenance: bool = False
@@ -209,6 +208,8 @@ class GenerationRequest:
             raise InvalidArgument("retrieval.knn_skip_above_prob",
                                   f"retrieval.knn_skip_above_prob={_show(knn_skip_above_prob)} must be in (0, 1] "
                                   "(1 = never skip)")
+        keep_rank_margin = _optional(retrieval, "keep_rank_margin", defaults.keep_rank_margin)
+        _check_range("retrieval.keep_rank_margin", keep_rank_margin, 0, defaults.max_neighbours)
         knn_pointer_min = _optional(retrieval, "knn_pointer_min", defaults.knn_pointer_min)
         _check_range("retrieval.knn_pointer_min", knn_pointer_min, 0, defaults.max_knn_k, note=" (0 = off)")
 
@@ -239,7 +240,7 @@ class GenerationRequest:
             query_tokens=query_tokens,
             layout=layout,
             keep_same_neighbours=defaults.keep_same_neighbours,
-            keep_rank_margin=defaults.keep_rank_margin,
+            keep_rank_margin=keep_rank_margin,
             shard_policy=shard_policy,
             return_provenance=retrieval.return_provenance,
             return_token_ids=request.response.return_token_ids,

@@ -94,6 +94,8 @@ INVALID = [
     ({"retrieval": {"stride": 0}}, "retrieval.stride",
      f"retrieval.stride=0 must be in [{DEFAULTS.min_stride}, {DEFAULTS.max_stride}]"),
     ({"retrieval": {"stride": DEFAULTS.max_stride + 1}}, "retrieval.stride", f"{DEFAULTS.max_stride}]"),
+    ({"retrieval": {"keep_rank_margin": DEFAULTS.max_neighbours + 1}}, "retrieval.keep_rank_margin",
+     f"retrieval.keep_rank_margin={DEFAULTS.max_neighbours + 1} must be in [0, {DEFAULTS.max_neighbours}]"),
     ({"retrieval": {"query_tokens": 0}}, "retrieval.query_tokens",
      f"retrieval.query_tokens=0 must be in [1, {DEFAULTS.max_query_tokens}]"),
     ({"retrieval": {"query_tokens": DEFAULTS.max_query_tokens + 1}}, "retrieval.query_tokens",

@@ -107,7 +107,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., time_limit_ms: _Optional[int] = ..., include_stop_sequence: _Optional[bool] = ...) -> None: ...
 
 class RetrievalParameters(_message.Message):
-    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy", "knn_lambda", "knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min")
+    __slots__ = ("mode", "neighbours", "stride", "query_tokens", "return_provenance", "layout", "shard_policy", "knn_lambda", "knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min", "keep_rank_margin")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class RetrievalParameters(_message.Message):
     KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     KNN_SKIP_ABOVE_PROB_FIELD_NUMBER: _ClassVar[int]
     KNN_POINTER_MIN_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RANK_MARGIN_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     stride: int
@@ -132,7 +133,8 @@ class RetrievalParameters(_message.Message):
     knn_temperature: float
     knn_skip_above_prob: float
     knn_pointer_min: int
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ...) -> None: ...
+    keep_rank_margin: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., return_provenance: _Optional[bool] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ..., keep_rank_margin: _Optional[int] = ...) -> None: ...
 
 class MissingShard(_message.Message):
     __slots__ = ("shard_index", "address", "reason")
