@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from tqdm import tqdm
+
 from server import context
 from server.engine import Engine, SegmentSampling
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
@@ -172,8 +174,10 @@ class Evaluator:
     """Scores documents with one engine; `retrieve` searches the datastore (None: mode none only)."""
 
     def __init__(self, engine: Engine, retrieve: RetrieveFn | None = None, max_doc_chars: int = 4096,
-                 concurrency: int = 16, exclusion_margin: int = 8):
+                 concurrency: int = 16, exclusion_margin: int = 8, progress: bool = True):
         self.engine = engine
+        self.progress = progress
+        """Show a tqdm bar of scored tokens (stderr)."""
         self.retrieve = retrieve
         self.max_doc_chars = max_doc_chars
         self.concurrency = concurrency
@@ -247,15 +251,20 @@ class Evaluator:
         contexts = self._contexts(spans, tokens, settings)
         prompts = [c.token_ids + tokens[s.document][s.start: s.end] for s, c in zip(spans, contexts)]
         limit = asyncio.Semaphore(self.concurrency)
+        progress = tqdm(total=sum(s.end - s.start for s in spans), unit="tok", desc=settings.label(),
+                        mininterval=10, disable=not self.progress)
 
         async def score(number: int, span: _Span, prompt: list[int]) -> None:
             async with limit:
                 logprob = await self._prompt_logprobs(prompt, span.end - span.start, f"eval-{id(self)}-{number}",
                                                       settings.knn())
             scores[span.document].nll_nats -= logprob
+            progress.update(span.end - span.start)
 
         started = time.perf_counter()
-        await asyncio.gather(*(score(n, s, p) for n, (s, p) in enumerate(zip(spans, prompts)) if s.end > s.start))
+        with progress:
+            await asyncio.gather(*(score(n, s, p) for n, (s, p) in enumerate(zip(spans, prompts))
+                                   if s.end > s.start))
         return EvalResult(settings, scores, retrieval_seconds, time.perf_counter() - started,
                           sum(len(p) for p in prompts), self._computed_tokens(spans, prompts),
                           sum(c.continued for c in contexts))

@@ -199,3 +199,29 @@ def test_computed_tokens_count_what_the_prefix_cache_would_not_serve():
     prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5]]
     # 5 (nothing before) + 9 - 4 (one shared block) + 6 (differs at once) + 5 (another document)
     assert evaluator._computed_tokens(spans, prompts) == 5 + 5 + 6 + 5
+
+
+def test_a_span_whose_neighbours_come_back_continues_the_previous_span_prompt():
+    """Eval builds span contexts with the generation loop's next_context: when span j+1 retrieves
+    span j's chunks (any order), its prompt is span j's prompt followed by its own target."""
+    from types import SimpleNamespace
+
+    from server.evaluation import EvalSettings, Evaluator, _Span
+
+    def chunk(chunk_id):
+        return SimpleNamespace(chunk_id=chunk_id, chunk_tokens=(chunk_id,) * 3, continuation_tokens=(chunk_id,) * 2)
+
+    evaluator = Evaluator.__new__(Evaluator)
+    evaluator.engine = SimpleNamespace(max_model_len=2048)
+    evaluator.separator_ids, evaluator.start_ids = (9,), [7]
+    ids = list(range(100, 148))
+    spans = [_Span(0, 0, 16), _Span(0, 16, 32, [chunk(1), chunk(2)]), _Span(0, 32, 48, [chunk(2), chunk(1)])]
+    for span in spans:
+        span.candidates = list(span.neighbours)
+    built = evaluator._contexts(spans, [ids], EvalSettings(stride=16))
+    assert [c.continued for c in built] == [False, False, True]
+    assert built[0].token_ids == [7]
+    assert built[1].token_ids[: 1 + 16] == [7] + ids[:16]  # suffix: the document so far comes first
+    assert built[2].token_ids == built[1].token_ids + ids[16:32]
+    relaid = evaluator._contexts(spans, [ids], EvalSettings(stride=16, keep_same_neighbours=False))
+    assert not relaid[2].continued and relaid[2].token_ids[: 1 + 32] == [7] + ids[:32]
