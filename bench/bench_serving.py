@@ -43,8 +43,13 @@ SCENARIOS = {
     "chunk-stride64-prepend": dict(mode="chunk", stride=64, layout="prepend"),
     "chunk-stride32-prepend": dict(mode="chunk", stride=32, layout="prepend"),
     "chunk-stride16-prepend": dict(mode="chunk", stride=16, layout="prepend"),
+    "chunk-stride64-suffix": dict(mode="chunk", stride=64, layout="suffix"),
+    "chunk-stride16-suffix": dict(mode="chunk", stride=16, layout="suffix"),
+    "chunk-stride16-suffix-keep6": dict(mode="chunk", stride=16, layout="suffix", keep_rank_margin=6),
     "chunk-stride16-after_prompt": dict(mode="chunk", stride=16, layout="after_prompt"),
-    # Keep the context's neighbours while they are among the new k + M nearest (RaLMSpec-like).
+    # Keep the context's neighbours while they are among the new k + M nearest (RaLMSpec-like;
+    # the server's default margin is 6).
+    "chunk-stride16-keep0": dict(mode="chunk", stride=16, keep_rank_margin=0),
     "chunk-stride16-keep2": dict(mode="chunk", stride=16, keep_rank_margin=2),
     "chunk-stride16-keep6": dict(mode="chunk", stride=16, keep_rank_margin=6),
     "chunk-stride16-keep14": dict(mode="chunk", stride=16, keep_rank_margin=14),

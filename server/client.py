@@ -93,8 +93,8 @@ def build_generate_request(
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
-    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "suffix" |
-    "prepend" | "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
+    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "prepend" |
+    "suffix" | "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
     """
     request = pb.GenerateRequest(prompt=prompt)
     if request_id is not None:

@@ -105,10 +105,13 @@ def settings_grid(args) -> list:
     from server.evaluation import EvalSettings
 
     grid = [EvalSettings(mode="none")]
-    for k, stride, query, layout, margin in itertools.product(args.k, args.stride, args.query_tokens, args.layout,
-                                                              args.keep_rank_margin):
+    for k, stride, query, layout, margin, repeat in itertools.product(
+            args.k, args.stride, args.query_tokens, args.layout, args.keep_rank_margin, args.suffix_repeat_tokens):
+        if layout != "suffix" and repeat != args.suffix_repeat_tokens[0]:
+            continue  # the repeated tail exists only in the suffix layout
         grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout,
-                                 keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=margin))
+                                 keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=margin,
+                                 suffix_repeat_tokens=repeat))
     if getattr(args, "token_datastore", None):
         for lam, k, temperature, skip, pointers in itertools.product(
                 args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob, args.knn_pointer_min):
@@ -464,14 +467,16 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
     parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
-    parser.add_argument("--layout", nargs="+", default=[context.LAYOUTS[0]], choices=context.LAYOUTS,
-                        help="context layout (grid; server/context.py explains each): the document so far, "
-                             "then the neighbours and its latest tokens again (suffix, the server's default); "
-                             "neighbours before the document so far (prepend); or between it and the scored span")
+    parser.add_argument("--layout", nargs="+", default=[context.DEFAULT_LAYOUT], choices=context.LAYOUTS,
+                        help="context layout (grid; server/context.py explains each): neighbours before the "
+                             "document so far (prepend, the server's default); the document so far, then the "
+                             "neighbours and its latest tokens again (suffix); or between it and the scored span")
     parser.add_argument("--no-keep-same-neighbours", dest="keep_same_neighbours", action="store_false",
                         help="lay the context out again even when a retrieval returns the chunks already in it "
                              "(the server's --no-keep-same-neighbours)")
-    parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[0],
+    parser.add_argument("--suffix-repeat-tokens", type=int, nargs="+", default=[context.SUFFIX_REPEAT_TOKENS],
+                        help="suffix layout: latest tokens repeated after the neighbours (grid)")
+    parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[context.DEFAULT_KEEP_RANK_MARGIN],
                         help="keep the context's neighbours while each is among the new k + M nearest (grid; "
                              "the server's --keep-rank-margin)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))

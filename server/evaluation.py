@@ -58,11 +58,13 @@ class EvalSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "suffix"
+    layout: str = context.DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
-    keep_rank_margin: int = 0
+    keep_rank_margin: int = context.DEFAULT_KEEP_RANK_MARGIN
     """... or while they are among the new k + this many nearest (RetrievalDefaults.keep_rank_margin)."""
+    suffix_repeat_tokens: int = context.SUFFIX_REPEAT_TOKENS
+    """Suffix layout: latest tokens repeated after the neighbours."""
     knn_lambda: float = DEFAULT_KNN_LAMBDA
     knn_k: int = DEFAULT_KNN_K
     knn_temperature: float = DEFAULT_KNN_TEMPERATURE
@@ -83,9 +85,12 @@ class EvalSettings:
             speed = (f" skip>{self.knn_skip_above_prob:g}" if self.knn_skip_above_prob < 1 else "") + (
                 f" pointers>={self.knn_pointer_min}" if self.knn_pointer_min else "")
             return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
-        layout = "" if self.layout == "suffix" else f" {self.layout}"
+        layout = "" if self.layout == context.DEFAULT_LAYOUT else f" {self.layout}"
         keep = (" relaid" if not self.keep_same_neighbours
-                else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin else "")
+                else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin != context.DEFAULT_KEEP_RANK_MARGIN
+                else "")
+        if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
+            keep += f" repeat={self.suffix_repeat_tokens}"
         return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}{keep}"
 
 
@@ -299,7 +304,7 @@ class Evaluator:
                 ids[: span.start], [], span.neighbours, self.separator_ids,
                 self.engine.max_model_len - (span.end - span.start) - 1, layout=settings.layout,
                 prefix_ids=self.start_ids, keep_same_neighbours=settings.keep_same_neighbours,
-                candidates=span.candidates,
+                candidates=span.candidates, repeat_tokens=settings.suffix_repeat_tokens,
             ))
             if contexts[-1].continued and settings.keep_rank_margin:
                 span.neighbours = previous.neighbours  # the ones its context holds

@@ -106,10 +106,10 @@ class LoopSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "suffix"
+    layout: str = context.DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous context when a retrieval returns the chunks already in it."""
-    keep_rank_margin: int = 0
+    keep_rank_margin: int = context.DEFAULT_KEEP_RANK_MARGIN
     """Also continue it while those chunks are among the new k + this many nearest."""
     shard_policy: str = "partial"
     return_logprobs: bool = False
@@ -217,10 +217,11 @@ class Generator:
                 candidates=candidates,
             )
             if use_retrieval:
-                if not built.continued or not margin:
-                    neighbours = candidates[: settings.neighbours]
-                # Provenance names the neighbours in the context: the retrieval's own (the same
-                # chunks), or with a rank margin the kept ones when the context continued.
+                # Provenance names the neighbours in the context, as this retrieval found them (a
+                # continued context keeps chunks that are among its candidates, with their new scores).
+                kept = set(built.neighbour_ids) if built.continued else None
+                neighbours = (candidates[: settings.neighbours] if kept is None
+                              else [n for n in candidates if n.chunk_id in kept])
                 event = RetrievalEvent(
                     query_text, len(generated), len(generated), start_char, start_char,
                     neighbours=neighbours, seconds=seconds, missing_shards=missing,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
+from server import context as context_layout
 from server.config import Limits, RetrievalDefaults
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
 from server.errors import DatastoreUnavailable, InvalidArgument
@@ -97,10 +98,10 @@ class GenerationRequest:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = "suffix"
+    layout: str = context_layout.DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
-    keep_rank_margin: int = 0
+    keep_rank_margin: int = context_layout.DEFAULT_KEEP_RANK_MARGIN
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
     return_provenance: bool = False

@@ -215,7 +215,7 @@ def test_chunk_retrieval_provenance_matches_exact_search(server, client):
 
     (LMDB allows one open environment per path and process, so the server's Datastore is used.)"""
     reply = client.generate(PROMPT, mode="chunk", neighbours=2, stride=8, query_tokens=16, max_new_tokens=24,
-                            return_provenance=True, return_token_ids=True)
+                            return_provenance=True, return_token_ids=True, keep_rank_margin=0)
     assert [(r.start_token, r.end_token) for r in reply.retrievals] == [(0, 8), (8, 16), (16, 24)]
     assert reply.retrievals[-1].end_char == len(reply.text)
     assert reply.timing.retrievals == 3
@@ -231,6 +231,21 @@ def test_chunk_retrieval_provenance_matches_exact_search(server, client):
     retrieved = client.retrieve(reply.retrievals[1].query_text, neighbours=2)
     assert [n.chunk_id for n in retrieved.neighbours] == [n.chunk_id for n in reply.retrievals[1].neighbours]
     assert retrieved.timing.total_ms > 0
+
+
+def test_a_rank_margin_reports_the_kept_neighbours_among_each_query_candidates(server, client):
+    """With keep_rank_margin M a span may keep earlier neighbours: provenance then names those,
+    each among the exact k + M nearest of that span's query, with that query's scores."""
+    reply = client.generate(PROMPT, mode="chunk", neighbours=2, stride=4, query_tokens=8, max_new_tokens=32,
+                            return_provenance=True, keep_rank_margin=6)
+    assert reply.prefix_cache.continued_segments > 0
+    datastore = server.running.retrieval.datastore
+    exact = datastore.search_texts([r.query_text for r in reply.retrievals], 2 + 6)
+    for retrieval, candidates in zip(reply.retrievals, exact):
+        scores = {n.chunk_id: n.score for n in candidates}
+        assert len(retrieval.neighbours) == 2
+        for neighbour in retrieval.neighbours:
+            assert neighbour.score == pytest.approx(scores[neighbour.chunk_id], abs=1e-4)
 
 
 def test_retrieval_changes_the_context(server, client):
@@ -293,9 +308,9 @@ def test_the_suffix_layout_keeps_prompt_and_output_cached_across_new_neighbours(
     from server import context
 
     prompt = (topics["try"] + topics["with"])[:3000]
-    found = server.running.retrieval.datastore.search_texts([prompt], 4)[0]
-    rows = (found[:2], found[2:])  # disjoint: every retrieval changes the neighbours
-    suffix = run_loop(server, FixedNeighbours(*rows), prompt=prompt, stride=4, max_new_tokens=12)
+    found = server.running.retrieval.datastore.search_texts([prompt], 6)[0]
+    rows = (found[:2], found[2:4], found[4:])  # disjoint: every retrieval brings new neighbours
+    suffix = run_loop(server, FixedNeighbours(*rows), prompt=prompt, stride=4, max_new_tokens=12, layout="suffix")
     prepend = run_loop(server, FixedNeighbours(*rows), prompt=prompt, stride=4, max_new_tokens=12,
                        layout="prepend")
     assert suffix.continued_segments == prepend.continued_segments == 0
