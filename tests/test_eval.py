@@ -218,10 +218,10 @@ def test_a_span_whose_neighbours_come_back_continues_the_previous_span_prompt():
     spans = [_Span(0, 0, 16), _Span(0, 16, 32, [chunk(1), chunk(2)]), _Span(0, 32, 48, [chunk(2), chunk(1)])]
     for span in spans:
         span.candidates = list(span.neighbours)
-    built = evaluator._contexts(spans, [ids], EvalSettings(stride=16))
+    built = evaluator._contexts(spans, [ids], EvalSettings(stride=16, layout="suffix"))
     assert [c.continued for c in built] == [False, False, True]
     assert built[0].token_ids == [7]
     assert built[1].token_ids[: 1 + 16] == [7] + ids[:16]  # suffix: the document so far comes first
     assert built[2].token_ids == built[1].token_ids + ids[16:32]
-    relaid = evaluator._contexts(spans, [ids], EvalSettings(stride=16, keep_same_neighbours=False))
+    relaid = evaluator._contexts(spans, [ids], EvalSettings(stride=16, layout="suffix", keep_same_neighbours=False))
     assert not relaid[2].continued and relaid[2].token_ids[: 1 + 32] == [7] + ids[:32]
