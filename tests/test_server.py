@@ -326,29 +326,35 @@ def test_the_suffix_layout_keeps_prompt_and_output_cached_across_new_neighbours(
     assert suffix.computed_prompt_tokens < prepend.computed_prompt_tokens
 
 
-def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_request(server):
+@pytest.mark.parametrize("layout", ["prepend", "suffix"])
+def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_request(server, layout):
     """Continuing the context across retrievals computes exactly what one engine request over the
     first context computes, and recomputes almost no prompt token."""
     from server import context
     from server.engine import SegmentSampling
 
     found = server.running.retrieval.datastore.search_texts([PROMPT], 2)[0]
-    kept = run_loop(server, FixedNeighbours(found, found[::-1]))
+    kept = run_loop(server, FixedNeighbours(found, found[::-1]), layout=layout)
     assert kept.continued_segments == len(kept.retrievals) - 1 == 3
     engine = server.running.engine
     first = context.build_context(engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"], [], found,
-                                  context.separator_ids(engine.tokenizer), engine.max_model_len - 24)
+                                  context.separator_ids(engine.tokenizer), engine.max_model_len - 24, layout=layout)
 
     async def uninterrupted():
         tokens = []
-        async for delta in engine.generate_segment(first.token_ids, SegmentSampling(max_tokens=24), "uninterrupted"):
+        async for delta in engine.generate_segment(first.token_ids, SegmentSampling(max_tokens=24),
+                                                   f"uninterrupted-{layout}"):
             tokens.extend(delta.token_ids)
         return tokens
 
     assert kept.token_ids == server.call(uninterrupted(), timeout=LONG_WAIT_S)
-    relaid = run_loop(server, FixedNeighbours(found, found[::-1]), keep_same_neighbours=False)
-    assert relaid.continued_segments == 0
-    assert kept.computed_prompt_tokens < relaid.computed_prompt_tokens
+    # Each later segment recomputes at most the partial last KV block of what it continues.
+    assert kept.computed_prompt_tokens <= len(first.token_ids) + 3 * engine.config.block_size
+    if layout == "suffix":
+        # Laid out again, every segment's neighbours follow new text: none of it is cached.
+        relaid = run_loop(server, FixedNeighbours(found, found[::-1]), layout=layout, keep_same_neighbours=False)
+        assert relaid.continued_segments == 0
+        assert kept.computed_prompt_tokens < relaid.computed_prompt_tokens
 
 
 def test_a_time_limit_stops_chunk_mode_mid_span_and_frees_the_engine(server, client):
