@@ -118,22 +118,18 @@ def build_context(
 def next_context(
     previous: BuiltContext | None,
     previous_output: Sequence[int],
-    prompt_ids: Sequence[int],
-    generated_ids: Sequence[int],
-    neighbours: Sequence[NeighbourTokens],
-    separator: Sequence[int],
-    max_context_tokens: int,
-    layout: str = DEFAULT_LAYOUT,
-    prefix_ids: Sequence[int] = (),
+    *context_args,
     keep_same_neighbours: bool = True,
     candidates: Sequence[NeighbourTokens] | None = None,
-    repeat_tokens: int = SUFFIX_REPEAT_TOKENS,
+    **layout_options,
 ) -> BuiltContext:
     """The context of the next span: `previous` (the last span's context) followed by
     `previous_output` (what was generated after it) when the chunks already in it are as many as
-    the new `neighbours` and all among `candidates` (the new k + margin nearest; default: the
-    new neighbours themselves, i.e. the same chunks in any order), and that still fits; otherwise
-    a fresh `build_context` with the new neighbours."""
+    the new neighbours and all among `candidates` (the new k + margin nearest; default: the new
+    neighbours themselves, i.e. the same chunks in any order), and that still fits; otherwise
+    `build_context(*context_args, **layout_options)` with the new neighbours (`context_args`:
+    prompt_ids, generated_ids, neighbours, separator, max_context_tokens, as build_context takes them)."""
+    neighbours, max_context_tokens = context_args[2], context_args[4]
     if keep_same_neighbours and previous is not None:
         candidate_ids = {n.chunk_id for n in (neighbours if candidates is None else candidates)}
         same = len(previous.neighbour_ids) == len(neighbours) and set(previous.neighbour_ids) <= candidate_ids
@@ -141,5 +137,4 @@ def next_context(
         if same and length <= max_context_tokens:
             return BuiltContext(list(previous.token_ids) + list(previous_output), previous.neighbour_tokens,
                                 previous.dropped_text_tokens, previous.neighbour_ids, continued=True)
-    return build_context(prompt_ids, generated_ids, neighbours, separator, max_context_tokens,
-                         layout=layout, prefix_ids=prefix_ids, repeat_tokens=repeat_tokens)
+    return build_context(*context_args, **layout_options)
