@@ -38,6 +38,7 @@ SCENARIOS = {
     # The server's default layout (suffix) unless the name pins one.
     "chunk-stride64": dict(mode="chunk", stride=64),
     "chunk-stride64-k1": dict(mode="chunk", stride=64, neighbours=1),
+    "chunk-stride16-k1": dict(mode="chunk", stride=16, neighbours=1),
     "chunk-stride32": dict(mode="chunk", stride=32),
     "chunk-stride16": dict(mode="chunk", stride=16),
     "chunk-stride64-prepend": dict(mode="chunk", stride=64, layout="prepend"),
