@@ -35,6 +35,8 @@ class SegmentSampling:
     seed: int | None = None
     logprobs: bool = False
     prompt_logprobs: bool = False
+    prompt_top1: bool = False
+    """With prompt_logprobs: also the engine's most likely token at every prompt position."""
     knn: KnnRequestSettings | None = None
     """Token mode (kNN-LM) settings; needs an engine started with a token datastore."""
 
@@ -49,6 +51,7 @@ class SegmentDelta:
     finish_reason: str | None  # "stop" (EOS), "length", "abort"
     num_cached_tokens: int | None
     prompt_logprobs: list[float | None] | None = None
+    prompt_top1: list[int | None] | None = None
 
 
 def detect_device() -> str:
@@ -172,7 +175,7 @@ class Engine:
             top_k=sampling.top_k if sampling.top_k > 0 else 0,
             seed=sampling.seed,
             logprobs=0 if sampling.logprobs else None,
-            prompt_logprobs=0 if sampling.prompt_logprobs else None,
+            prompt_logprobs=(1 if sampling.prompt_top1 else 0) if sampling.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
             detokenize=False,
@@ -192,12 +195,17 @@ class Engine:
                         entry[token].logprob
                         for token, entry in zip(completion.token_ids, completion.logprobs)
                     ]
-                prompt_lp = None
+                prompt_lp = prompt_top1 = None
                 if sampling.prompt_logprobs and output.prompt_logprobs is not None:
                     prompt_lp = [
                         None if entry is None else entry[token].logprob
                         for token, entry in zip(prompt_ids, output.prompt_logprobs)
                     ]
+                    if sampling.prompt_top1:
+                        prompt_top1 = [
+                            None if entry is None else next(t for t, lp in entry.items() if lp.rank == 1)
+                            for entry in output.prompt_logprobs
+                        ]
                 finished = output.finished
                 yield SegmentDelta(
                     token_ids=list(completion.token_ids),
@@ -206,6 +214,7 @@ class Engine:
                     finish_reason=completion.finish_reason if output.finished else None,
                     num_cached_tokens=output.num_cached_tokens,
                     prompt_logprobs=prompt_lp,
+                    prompt_top1=prompt_top1,
                 )
         except EngineDeadError as error:
             # UNAVAILABLE (this replica is going away; app._watch_engine stops it), not INTERNAL.

@@ -117,20 +117,16 @@ def reference_logprobs(model, ids: list[int]):
 
 async def served_prompt_logprobs(engine, ids: list[int], request_id: str) -> tuple[list[float], list[int]]:
     """(log-prob of ids[t + 1], argmax token) at every position t, from the engine's prompt
-    log-probs. Goes to the vLLM engine directly (`engine._llm`) because SegmentSampling returns
-    only the actual token's log-prob, and greedy agreement needs the served argmax too."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
+    log-probs (with the served argmax: greedy agreement needs it)."""
+    from server.engine import SegmentSampling
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
-    final = None
-    async for output in engine._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
-        final = output
-    entries = final.prompt_logprobs[1:]
-    actual = [entry[token].logprob for token, entry in zip(ids[1:], entries)]
-    top1 = [next(token for token, lp in entry.items() if lp.rank == 1) for entry in entries]
+    sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, prompt_top1=True)
+    actual = top1 = None
+    async for delta in engine.generate_segment(ids, sampling, request_id):
+        if delta.prompt_logprobs is not None:
+            actual, top1 = delta.prompt_logprobs[1:], delta.prompt_top1[1:]
+    if actual is None:
+        raise RuntimeError("the engine returned no prompt log-probs")
     return actual, top1
 
 
