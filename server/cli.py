@@ -53,7 +53,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) ->
             continue
         default = getattr(defaults, item.name)
         flag = "--" + item.name.replace("_", "-")
-        help_text = f"{docs.get(item.name, '')} (default: {default})".strip()
+        # argparse %-formats help strings; a docstring may quote percentages.
+        help_text = f"{docs.get(item.name, '')} (default: {default})".strip().replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
