@@ -35,7 +35,7 @@ from server.client import RetroserveClient, build_generate_request  # noqa: E402
 
 SCENARIOS = {
     "none": dict(mode="none"),
-    # The server's default layout (suffix) unless the name pins one.
+    # The server's default layout and keep_rank_margin unless the name pins one.
     "chunk-stride64": dict(mode="chunk", stride=64),
     "chunk-stride64-k1": dict(mode="chunk", stride=64, neighbours=1),
     "chunk-stride16-k1": dict(mode="chunk", stride=16, neighbours=1),

@@ -109,9 +109,8 @@ class RetrievalDefaults:
     keep_rank_margin: int = context.DEFAULT_KEEP_RANK_MARGIN
     """With keep_same_neighbours, for requests that leave retrieval.keep_rank_margin unset: also
     keep the neighbours in the context while each of them is still among a new retrieval's k +
-    this many nearest (fetched for the check). 0: only the same chunks are kept. 6: chosen on
-    held-out dev documents (no measurable quality cost, 71% of later retrievals keep the context;
-    README, Measured)."""
+    this many nearest (fetched for the check). 0: only the same chunks are kept. Default:
+    server/context.py DEFAULT_KEEP_RANK_MARGIN (README, Measured)."""
     shard_policy: str = "partial"
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in

@@ -232,15 +232,16 @@ class Evaluator:
         decode = self.engine.tokenizer.decode
         queries = [decode(tokens[s.document][max(0, s.start - settings.query_tokens): s.start],
                           skip_special_tokens=True) for s in queried]
-        margin = settings.keep_rank_margin if settings.keep_same_neighbours else 0
-        results = self.retrieve(queries, settings.neighbours + margin + self.exclusion_margin)
+        fetched = context.candidate_count(settings.neighbours, settings.keep_same_neighbours,
+                                          settings.keep_rank_margin)
+        results = self.retrieve(queries, fetched + self.exclusion_margin)
         for span, found in zip(queried, results):
             source = source_key(documents[span.document].source)
             kept = [n for n in found if source_key(n.source) != source]
             scores[span.document].excluded_neighbours += len(found) - len(kept)
             scores[span.document].retrievals += 1
             span.neighbours = kept[: settings.neighbours]
-            span.candidates = kept[: settings.neighbours + margin]
+            span.candidates = kept[:fetched]
 
     async def evaluate(self, documents: Sequence[EvalDocument], settings: EvalSettings) -> EvalResult:
         texts, tokens = zip(*(self.tokenize(d) for d in documents)) if documents else ((), ())

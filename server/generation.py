@@ -2,9 +2,9 @@
 
 One user request becomes a sequence of engine segments. Before each segment (chunk mode) the last
 `query_tokens` tokens of prompt+output form a query; its k neighbours, fetched through the
-cross-request batcher, are laid out in the context (server/context.py: the default layout keeps the
-text a growing prefix that vLLM's prefix cache holds, and the same neighbours returned again
-continue the previous context) and the engine continues for up to `stride` tokens. Concurrent requests share engine batches (vLLM continuous batching)
+cross-request batcher, are laid out in the context (server/context.py; a retrieval that returns the
+chunks already in the context continues it, so the engine finds it in its prefix cache) and the
+engine continues for up to `stride` tokens. Concurrent requests share engine batches (vLLM continuous batching)
 and retrieval batches (the batcher). Stop sequences and the time limit are enforced here, across
 segment boundaries, and the engine request is aborted whenever the loop ends early.
 """
@@ -185,7 +185,7 @@ class Generator:
         segment = 0
         neighbours: list[Any] = []
         candidates: list[Any] = []
-        margin = settings.keep_rank_margin if settings.keep_same_neighbours else 0
+        fetched = context.candidate_count(settings.neighbours, settings.keep_same_neighbours, settings.keep_rank_margin)
         built: context.BuiltContext | None = None
         """The previous segment's context; `segment_start` is where its output began."""
         segment_start = 0
@@ -201,7 +201,7 @@ class Generator:
                 history = prompt_ids + generated
                 query_ids = history[-settings.query_tokens :]
                 query_text, candidates, seconds, missing = await self.retrieve(
-                    batcher, query_ids, settings.neighbours + margin, settings.shard_policy)
+                    batcher, query_ids, fetched, settings.shard_policy)
                 retrieval_s += seconds
                 start_char = len(self.decode(generated))
             built = context.next_context(

@@ -20,6 +20,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from server.config import RETRIEVAL_MODES
+
 PREFIX = "retroserve"
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -35,7 +37,6 @@ RETRIEVAL_PHASES = ("embed", "search", "payload")
 CACHE_KINDS = ("exact", "approximate")
 SWAP_OUTCOMES = ("ok", "refused", "error")
 """Datastore hot swaps: swapped; refused (failed verification, old one kept); error (unexpected)."""
-GENERATION_MODES = ("none", "chunk", "token")
 SEGMENT_CONTEXTS = ("continued", "rebuilt")
 SHARD_FAILURE_REASONS = ("timeout", "unavailable", "error")
 """Why a datastore shard's results were missing (retriever.datastore.MissingShard.reason)."""
@@ -175,7 +176,7 @@ class Metrics:
             self.cache_hits.labels(kind=kind)
         for outcome in SWAP_OUTCOMES:
             self.datastore_swaps.labels(outcome=outcome)
-        for mode in GENERATION_MODES:
+        for mode in RETRIEVAL_MODES:
             self.generated_tokens.labels(mode=mode)
             self.computed_prompt_tokens.labels(mode=mode)
         for how in SEGMENT_CONTEXTS:
