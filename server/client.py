@@ -41,6 +41,7 @@ MODES = {
     "none": pb.RETRIEVAL_MODE_NONE,
     "chunk": pb.RETRIEVAL_MODE_CHUNK,
     "token": pb.RETRIEVAL_MODE_TOKEN,
+    "hybrid": pb.RETRIEVAL_MODE_HYBRID,
 }
 LAYOUTS = {
     None: pb.CONTEXT_LAYOUT_UNSPECIFIED,
@@ -93,7 +94,7 @@ def build_generate_request(
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; None leaves a field unset (server default).
 
-    `mode` is "none" | "chunk" | "token" (or a RetrievalMode number); `layout` is "prepend" |
+    `mode` is "none" | "chunk" | "token" | "hybrid" (or a RetrievalMode number); `layout` is "prepend" |
     "suffix" | "after_prompt"; `shard_policy` is "partial" | "require_all". Bounds are checked by the server, not here, so one place states them.
     """
     request = pb.GenerateRequest(prompt=prompt)

@@ -15,8 +15,18 @@ from server import context, paths
 from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
                                  DEFAULT_KNN_TEMPERATURE)
 
-RETRIEVAL_MODES = ("none", "chunk", "token")
+RETRIEVAL_MODES = ("none", "chunk", "token", "hybrid")
 """Retrieval modes, as the API's RetrievalMode enum names them (lower case, no prefix)."""
+CHUNK_MODES = frozenset({"chunk", "hybrid"})
+"""Modes that put retrieved chunks in the context (they need the chunk datastore)."""
+KNN_MODES = frozenset({"token", "hybrid"})
+"""Modes that mix the token datastore's kNN distribution into the model's (they need it loaded)."""
+
+
+def modes_served(has_chunk_datastore: bool, has_token_datastore: bool) -> tuple[str, ...]:
+    """The retrieval modes a server with these datastores can serve, in RETRIEVAL_MODES order."""
+    return tuple(mode for mode in RETRIEVAL_MODES
+                 if (mode not in CHUNK_MODES or has_chunk_datastore) and (mode not in KNN_MODES or has_token_datastore))
 ENGINE_MAX_TEMPERATURE = 2.0
 """vLLM 0.32's SamplingParams refuses temperatures above this (VLLMValidationError): a bound
 above it let requests pass validation and fail inside the engine as INTERNAL."""

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from server.config import CHUNK_MODES
 from server.evaluation import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def index_bytes_per_entry(datastore_dir: Path) -> float:
 
 def _annotate(row: dict, factor: str, value, datastore_dir: Path, extra: dict) -> dict:
     row["ablation"] = {"factor": factor, "value": value, **extra}
-    if row["settings"]["mode"] == "chunk":
+    if row["settings"]["mode"] in CHUNK_MODES:
         row["search_ms_per_retrieval"] = 1e3 * row["retrieval_seconds"] / max(1, row["retrievals"])
         row["index_bytes_per_entry"] = index_bytes_per_entry(datastore_dir)
     return row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from server import context
+from server.config import CHUNK_MODES, KNN_MODES
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -112,11 +114,16 @@ def settings_grid(args) -> list:
         grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout,
                                  keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=margin,
                                  suffix_repeat_tokens=repeat))
+    chunk_grid = grid[1:]
     if getattr(args, "token_datastore", None):
-        for lam, k, temperature, skip, pointers in itertools.product(
-                args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob, args.knn_pointer_min):
-            grid.append(EvalSettings(mode="token", knn_lambda=lam, knn_k=k, knn_temperature=temperature,
-                                     knn_skip_above_prob=skip, knn_pointer_min=pointers))
+        knn_grid = [dict(knn_lambda=lam, knn_k=k, knn_temperature=temperature, knn_skip_above_prob=skip,
+                         knn_pointer_min=pointers)
+                    for lam, k, temperature, skip, pointers in itertools.product(
+                        args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob,
+                        args.knn_pointer_min)]
+        grid += [EvalSettings(mode="token", **knn) for knn in knn_grid]
+        if getattr(args, "hybrid", False):
+            grid += [dataclasses.replace(chunk, mode="hybrid", **knn) for chunk in chunk_grid for knn in knn_grid]
     return grid
 
 
@@ -133,22 +140,22 @@ async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) 
         evaluator = Evaluator(engine, retrieve, max_doc_chars=args.max_doc_chars)
         rows = []
         for settings in grid:
-            if settings.mode == "chunk" and retrieve is None:
+            if settings.mode in CHUNK_MODES and retrieve is None:
                 continue
-            if settings.mode == "token" and not engine.has_token_datastore:
+            if settings.mode in KNN_MODES and not engine.has_token_datastore:
                 continue
             before = engine.knn_stats()
             result = await evaluator.evaluate(documents, settings)
             row = result.to_dict()
-            if settings.mode == "token":
+            if settings.mode in KNN_MODES:
                 row["knn_skipped_fraction"], row["knn_pointer_fraction"] = knn_fractions(engine.knn_stats(), before)
             row["model"] = str(model_dir)
-            if datastore is not None and settings.mode == "chunk":
+            if datastore is not None and settings.mode in CHUNK_MODES:
                 row["datastore"] = {"path": str(datastore_dir), "entries": datastore.ntotal,
                                     "index": datastore.manifest["index"]["factory"]}
             rows.append(row)
             log.info("%s: %.4f bits/byte%s", settings.label(), row["bits_per_byte"],
-                     "" if settings.mode != "token" else f" (searches skipped {row['knn_skipped_fraction']:.1%}, "
+                     "" if settings.mode not in KNN_MODES else f" (searches skipped {row['knn_skipped_fraction']:.1%}, "
                                                          f"avoided by pointers {row['knn_pointer_fraction']:.1%})")
         return rows
     finally:
@@ -242,10 +249,10 @@ def plot_settings(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chunk = [r for r in rows if r["settings"]["mode"] == "chunk"]
+    chunk = [r for r in rows if r["settings"]["mode"] in CHUNK_MODES]
     alone = [r for r in rows if r["settings"]["mode"] == "none"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [r["label"].replace("chunk ", "") for r in chunk]
+    labels = [r["label"].replace("chunk ", "").replace("hybrid: ", "hybrid ") for r in chunk]
     ax.barh(labels, [r["bits_per_byte"] for r in chunk], color="tab:blue")
     for r in alone:
         ax.axvline(r["bits_per_byte"], color="tab:red", linestyle="--", label=f"{Path(r['model']).name} alone")
@@ -371,7 +378,7 @@ async def run_async(args, engine=None) -> dict:
         print(f"near-verbatim overlap ({overlap['ngram']}-grams): {overlap['overlap']:.4f} of held-out n-grams "
               f"occur in the datastore (worst document {overlap['max_document_overlap']:.4f})")
     path = write_results(args.output_dir, payload)
-    if any(r["settings"]["mode"] == "chunk" for r in rows):
+    if any(r["settings"]["mode"] in CHUNK_MODES for r in rows):
         plot_settings(rows, args.output_dir / "settings.png")
     print(f"wrote {path}")
     return payload
@@ -519,6 +526,9 @@ def add_eval_commands(groups) -> None:
                      help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")
     run.add_argument("--knn-pointer-min", type=int, nargs="+", default=[0],
                      help="token mode pointer following minimum (grid; 0: off)")
+    run.add_argument("--hybrid", action="store_true",
+                     help="with --datastore and --token-datastore: also score hybrid mode (chunk retrieval "
+                          "and kNN-LM in the same request) for every chunk setting x every token setting")
     run.add_argument("--knn-pointer-pool", type=int, default=DEFAULT_KNN_POINTER_POOL,
                      help="engine setting: a search's nearest entries that seed the pointer set")
     run.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from server import context
+from server.config import CHUNK_MODES, KNN_MODES
 from server.engine import Engine, SegmentSampling
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -53,8 +54,9 @@ class EvalDocument:
 @dataclass(frozen=True)
 class EvalSettings:
     mode: str = "chunk"
-    """"none" (model alone), "chunk" or "token" (kNN-LM: the engine mixes in its token datastore
-    at every scored position; the document is scored in one request, as in mode none)."""
+    """"none" (model alone), "chunk", "token" (kNN-LM: the engine mixes in its token datastore
+    at every scored position; the document is scored in one request, as in mode none) or "hybrid"
+    (chunk mode's spans and contexts, each scored with the kNN mixture)."""
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
@@ -74,24 +76,26 @@ class EvalSettings:
     """Token mode: pointer following minimum (0: off)."""
 
     def knn(self) -> KnnRequestSettings | None:
-        if self.mode != "token":
+        if self.mode not in KNN_MODES:
             return None
         return KnnRequestSettings.from_knn_fields(self)
 
     def label(self) -> str:
         if self.mode == "none":
             return "model alone"
+        speed = (f" skip>{self.knn_skip_above_prob:g}" if self.knn_skip_above_prob < 1 else "") + (
+            f" pointers>={self.knn_pointer_min}" if self.knn_pointer_min else "")
+        knn = f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
         if self.mode == "token":
-            speed = (f" skip>{self.knn_skip_above_prob:g}" if self.knn_skip_above_prob < 1 else "") + (
-                f" pointers>={self.knn_pointer_min}" if self.knn_pointer_min else "")
-            return f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
+            return knn
         layout = "" if self.layout == context.DEFAULT_LAYOUT else f" {self.layout}"
         keep = (" relaid" if not self.keep_same_neighbours
                 else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin != context.DEFAULT_KEEP_RANK_MARGIN
                 else "")
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"
-        return f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}{keep}"
+        chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}{keep}"
+        return chunk if self.mode == "chunk" else f"hybrid: {chunk} + {knn}"
 
 
 @dataclass
@@ -215,7 +219,7 @@ class Evaluator:
     def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
         spans = []
         for index, ids in enumerate(tokens):
-            if settings.mode in ("none", "token") or not ids:
+            if settings.mode not in CHUNK_MODES or not ids:
                 spans.append(_Span(index, 0, len(ids)))
                 continue
             for start in range(0, len(ids), settings.stride):
@@ -224,7 +228,7 @@ class Evaluator:
 
     def _attach_neighbours(self, spans: list[_Span], tokens, documents, settings, scores) -> None:
         """One batched search for every span that has a preceding query (all documents at once)."""
-        queried = [s for s in spans if s.start > 0 and settings.mode == "chunk"]
+        queried = [s for s in spans if s.start > 0 and settings.mode in CHUNK_MODES]
         if not queried:
             return
         if self.retrieve is None:

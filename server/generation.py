@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server import context
+from server.config import CHUNK_MODES, KNN_MODES
 from server.engine import Engine, SegmentSampling
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -120,8 +121,8 @@ class LoopSettings:
     knn_pointer_min: int = 0
 
     def knn_settings(self) -> KnnRequestSettings | None:
-        """Token mode's per-request settings for the engine (None in other modes)."""
-        if self.retrieval_mode != "token":
+        """The engine's kNN-LM settings in token and hybrid mode (None in other modes)."""
+        if self.retrieval_mode not in KNN_MODES:
             return None
         return KnnRequestSettings.from_knn_fields(self)
 
@@ -162,10 +163,11 @@ class Generator:
         started = time.perf_counter()
         deadline = started + settings.time_limit_s if settings.time_limit_s else None
         prompt_ids = self.tokenize(settings.prompt) if settings.prompt_ids is None else list(settings.prompt_ids)
-        use_retrieval = settings.retrieval_mode == "chunk"
+        use_retrieval = settings.retrieval_mode in CHUNK_MODES
         if use_retrieval and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")
-        # Token mode retrieves inside the engine at every step (server/knn_model.py): one segment.
+        # kNN-LM retrieves inside the engine at every step (server/knn_model.py): token mode is one
+        # segment, hybrid mode carries it into each chunk-mode segment.
         knn = settings.knn_settings()
         seed = settings.seed
         if seed is None and settings.temperature > 0:

@@ -20,7 +20,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from server.config import RETRIEVAL_MODES
+from server.config import CHUNK_MODES, RETRIEVAL_MODES
 
 PREFIX = "retroserve"
 
@@ -45,7 +45,7 @@ SHARD_FAILURE_REASONS = ("timeout", "unavailable", "error")
 class Metrics:
     """All metrics of one server. Attributes are prometheus_client metric objects.
 
-    Generation (labels: mode = "none" | "chunk" | "token"):
+    Generation (labels: mode = one of config.RETRIEVAL_MODES):
       request_latency          Histogram retroserve_request_duration_seconds{rpc, mode}
       requests                 Counter   retroserve_requests_total{rpc, code}   (every finished RPC)
       errors                   Counter   retroserve_errors_total{rpc, code}     (code != OK)
@@ -224,7 +224,7 @@ class Metrics:
         if engine_prompt_tokens is not None:
             self.engine_prompt_tokens.inc(engine_prompt_tokens)
             self.computed_prompt_tokens.labels(mode=mode).inc(max(0, engine_prompt_tokens - cached_tokens))
-        if mode == "chunk" and retrievals:
+        if mode in CHUNK_MODES and retrievals:
             self.chunk_segments.labels(context="continued").inc(continued_segments)
             # The first segment has no previous context to continue: it counts as neither.
             self.chunk_segments.labels(context="rebuilt").inc(max(0, retrievals - 1 - continued_segments))

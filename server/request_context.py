@@ -23,7 +23,7 @@ class RequestContext:
     rpc: str
     """RPC method name, e.g. "Generate"."""
     mode: str = "none"
-    """Retrieval mode the request runs with ("none"/"chunk"/"token"); a metrics label."""
+    """Retrieval mode the request runs with (one of config.RETRIEVAL_MODES); a metrics label."""
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

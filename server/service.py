@@ -20,7 +20,7 @@ from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc
 from retriever import neighbour_pb
 from server import pb_convert, request_context
-from server.config import ServerConfig
+from server.config import CHUNK_MODES, ServerConfig
 from server.errors import EngineDead, NotReady, Overloaded
 from server.generation import GenerationDelta, GenerationResult, Generator, LoopSettings, RetrievalEvent
 from server.validation import GenerationRequest, RetrieveQuery, TokenizeQuery, ValidationContext
@@ -203,7 +203,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
     def _datastore_for(self, mode: str):
         """A lease on the datastore serving now (the request keeps it across a hot swap), or
         nothing for modes that read none."""
-        if mode == "chunk" and self.datastores is not None:
+        if mode in CHUNK_MODES and self.datastores is not None:
             return self.datastores.lease()
         return contextlib.nullcontext()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server import context as context_layout
-from server.config import Limits, RetrievalDefaults
+from server.config import Limits, RetrievalDefaults, modes_served
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
 from server.errors import DatastoreUnavailable, InvalidArgument
 
@@ -29,6 +29,7 @@ MODE_FROM_PB = {
     pb.RETRIEVAL_MODE_NONE: "none",
     pb.RETRIEVAL_MODE_CHUNK: "chunk",
     pb.RETRIEVAL_MODE_TOKEN: "token",
+    pb.RETRIEVAL_MODE_HYBRID: "hybrid",
 }
 MODE_TO_PB = {name: number for number, name in MODE_FROM_PB.items()}
 LAYOUT_FROM_PB = {
@@ -58,9 +59,7 @@ class ValidationContext:
 
     @property
     def available_modes(self) -> tuple[str, ...]:
-        return ("none",) + (("chunk",) if self.has_chunk_datastore else ()) + (
-            ("token",) if self.has_token_datastore else ()
-        )
+        return modes_served(self.has_chunk_datastore, self.has_token_datastore)
 
     @property
     def default_mode(self) -> str:
@@ -94,7 +93,7 @@ class GenerationRequest:
     """Wall-clock budget; requests that set none get Limits.max_time_limit_s (None only in tests
     of the loop: no limit)."""
     retrieval_mode: str = "none"
-    """"none" | "chunk" | "token"."""
+    """One of config.RETRIEVAL_MODES."""
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
@@ -327,12 +326,16 @@ def _resolve_enum(path: str, number: int, known: dict[int, str], enum_type, defa
     return known[number]
 
 
+_MODE_NEEDS = {"chunk": "a chunk-mode datastore", "token": "a token-mode datastore",
+               "hybrid": "both a chunk-mode and a token-mode datastore"}
+
+
 def _resolve_mode(number: int, context: ValidationContext) -> str:
     mode = _resolve_enum("retrieval.mode", number, MODE_FROM_PB, pb.RetrievalMode, context.default_mode)
     if mode not in context.available_modes:
         raise InvalidArgument(
             "retrieval.mode",
-            f"retrieval.mode={pb.RetrievalMode.Name(number)} needs a {mode}-mode datastore, which this "
+            f"retrieval.mode={pb.RetrievalMode.Name(number)} needs {_MODE_NEEDS[mode]}, which this "
             f"server has not loaded; available modes: {', '.join(context.available_modes)}",
         )
     return mode

@@ -87,6 +87,25 @@ def client(knn_server):
         yield client
 
 
+@pytest.fixture(scope="module")
+def hybrid_server(knn_server, prepared_model_dir, server_datastore):
+    """A second server on knn_server's engine (which holds the token datastore) that also serves the
+    chunk datastore: every mode, hybrid included, on one engine."""
+    from loopback import second_server, server_config
+
+    running = second_server(knn_server, server_config(prepared_model_dir, server_datastore))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def hybrid_client(hybrid_server):
+    from server.client import RetroserveClient
+
+    with RetroserveClient(hybrid_server.address, timeout=300) as client:
+        yield client
+
+
 def _corpus_document(token_datastore: Path, number: int):
     """(token ids as the build saw them, entry ids of the document) for document `number`."""
     from retriever.token_datastore import TokenDatastore
@@ -241,6 +260,52 @@ def test_build_time_keys_match_serving_hidden_states(knn_server, token_datastore
     print(f"cosine build-time key vs serving query: min {cosine.min():.5f} mean {cosine.mean():.5f}")
     assert cosine.min() >= KEY_COSINE_MIN
     assert np.mean(nearest == entries[positions]) >= 0.9  # the query finds its own key
+
+
+def test_hybrid_mode_is_offered_only_with_both_datastores(client, hybrid_client):
+    assert pb.RETRIEVAL_MODE_HYBRID not in client.info().retrieval_defaults.available_modes
+    assert list(hybrid_client.info().retrieval_defaults.available_modes) == [
+        pb.RETRIEVAL_MODE_NONE, pb.RETRIEVAL_MODE_CHUNK, pb.RETRIEVAL_MODE_TOKEN, pb.RETRIEVAL_MODE_HYBRID]
+
+
+def test_hybrid_mode_is_chunk_mode_plus_the_knn_mixture(hybrid_client):
+    def greedy(mode, **retrieval):
+        response = hybrid_client.generate("The assert statement", mode=mode, max_new_tokens=40, stride=16,
+                                          return_token_ids=True, return_logprobs=True, return_provenance=True,
+                                          **retrieval)
+        chunks = [[n.chunk_id for n in event.neighbours] for event in response.retrievals]
+        return list(response.token_ids), list(response.logprobs), chunks
+
+    chunk = greedy("chunk")
+    assert len(chunk[2]) == 3  # a retrieval before each 16-token span
+    # λ 0 leaves every distribution the model's own: the same tokens, log-probs and neighbours, bit for bit.
+    assert greedy("hybrid", knn_lambda=0.0) == chunk
+    mixed = greedy("hybrid", knn_lambda=LAMBDA_HIGH)
+    assert len(mixed[2]) == 3 and mixed[2][0] == chunk[2][0]  # it still retrieves chunks, from the same prompt
+    assert mixed[1][0] != chunk[1][0]  # and the kNN mixture moves the first token's probability
+
+
+def test_eval_scores_hybrid_mode(hybrid_server, corpus_dir, server_datastore, prepared_model_dir):
+    from server.eval_cli import open_retrieval
+    from server.evaluation import EvalDocument, EvalSettings, Evaluator
+
+    documents = [EvalDocument("global", (corpus_dir / "global.rst").read_text())]
+    datastore, retrieve = open_retrieval(server_datastore, prepared_model_dir)
+    try:
+        evaluator = Evaluator(hybrid_server.running.engine, retrieve, max_doc_chars=600)
+
+        def score(settings):
+            return hybrid_server.call(evaluator.evaluate(documents, settings), timeout=300)
+
+        chunk = score(EvalSettings(mode="chunk"))
+        zero = score(EvalSettings(mode="hybrid", knn_lambda=0.0))
+        mixed = score(EvalSettings(mode="hybrid", knn_lambda=0.5))
+    finally:
+        datastore.close()
+    assert chunk.documents[0].retrievals > 1 and mixed.documents[0].retrievals == chunk.documents[0].retrievals
+    assert zero.documents[0].nll_nats == chunk.documents[0].nll_nats  # the same contexts, the model's own log-probs
+    assert mixed.bits_per_byte < chunk.bits_per_byte  # the scored text is in the token datastore
+    assert mixed.settings.label().startswith("hybrid: chunk k=2")
 
 
 def test_token_mode_parameters_are_validated(client):

@@ -122,6 +122,20 @@ def test_token_mode_accepted_with_a_token_datastore():
     assert resolved.retrieval_mode == "token"
 
 
+def test_hybrid_mode_needs_both_datastores():
+    for has_chunk, has_token, available in [(True, False, "none, chunk"), (False, True, "none, token")]:
+        context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_chunk_datastore=has_chunk,
+                                    has_token_datastore=has_token)
+        error = refused(request(retrieval={"mode": pb.RETRIEVAL_MODE_HYBRID}), context)
+        assert "needs both a chunk-mode and a token-mode datastore" in str(error)
+        assert f"available modes: {available}" in str(error)
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_token_datastore=True)
+    assert context.available_modes == ("none", "chunk", "token", "hybrid")
+    resolved = GenerationRequest.from_pb(
+        request(retrieval={"mode": pb.RETRIEVAL_MODE_HYBRID, "neighbours": 3, "knn_lambda": 0.5}), context)
+    assert (resolved.retrieval_mode, resolved.neighbours, resolved.knn_lambda) == ("hybrid", 3, 0.5)
+
+
 def test_prompt_at_the_limit_is_accepted():
     prompt = "word " * LIMITS.max_prompt_tokens
     assert GenerationRequest.from_pb(request(prompt=prompt), CONTEXT).prompt_token_count == LIMITS.max_prompt_tokens

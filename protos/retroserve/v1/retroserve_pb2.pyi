@@ -13,6 +13,7 @@ class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RETRIEVAL_MODE_NONE: _ClassVar[RetrievalMode]
     RETRIEVAL_MODE_CHUNK: _ClassVar[RetrievalMode]
     RETRIEVAL_MODE_TOKEN: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_HYBRID: _ClassVar[RetrievalMode]
 
 class ContextLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +48,7 @@ RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
 RETRIEVAL_MODE_NONE: RetrievalMode
 RETRIEVAL_MODE_CHUNK: RetrievalMode
 RETRIEVAL_MODE_TOKEN: RetrievalMode
+RETRIEVAL_MODE_HYBRID: RetrievalMode
 CONTEXT_LAYOUT_UNSPECIFIED: ContextLayout
 CONTEXT_LAYOUT_PREPEND: ContextLayout
 CONTEXT_LAYOUT_AFTER_PROMPT: ContextLayout
