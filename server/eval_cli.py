@@ -64,9 +64,11 @@ def read_split(path: Path) -> dict:
     return split
 
 
-def heldout_documents(files: list[str], max_docs: int | None):
+def heldout_documents(files: list[str], max_docs: int | None, windows: int = 1, window_chars: int = 4096):
+    """The files' documents (evenly spaced `max_docs` of them), each as up to `windows` windows of
+    `window_chars` characters spread over the whole document (1: its opening only)."""
     from datastore_tools.ingest import read_documents
-    from server.evaluation import EvalDocument
+    from server.evaluation import EvalDocument, document_windows
 
     documents, _ = read_documents(files)
     documents = [d for d in documents if d.text.strip()]
@@ -76,7 +78,8 @@ def heldout_documents(files: list[str], max_docs: int | None):
         documents = [documents[i * len(documents) // max_docs] for i in range(max_docs)]
     if not documents:
         raise EvalError("no held-out documents with text")
-    return [EvalDocument(d.source, d.text) for d in documents]
+    return [EvalDocument(d.source, text, offset) for d in documents
+            for offset, text in document_windows(d.text, windows, window_chars)]
 
 
 # -- engine + datastore --------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def _heldout(args) -> list:
         files = [str(p) for p in args.heldout]
     else:
         raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
-    return heldout_documents(files, args.max_docs)
+    return heldout_documents(files, args.max_docs, args.windows, args.max_doc_chars)
 
 
 def run_split(args) -> int:
@@ -391,7 +394,7 @@ async def sweep_async(args, engine=None) -> dict:
 
     model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
     split = read_split(args.split)
-    documents = heldout_documents(split["heldout"], args.max_docs)
+    documents = heldout_documents(split["heldout"], args.max_docs, args.windows, args.max_doc_chars)
     grid = settings_grid(args)
     loop = asyncio.get_running_loop()
 
@@ -470,6 +473,9 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-docs", type=int, default=None, help="score at most this many held-out documents")
     parser.add_argument("--max-doc-chars", type=int, default=4096,
                         help="score the first N characters of each document (the same text for every model)")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="score up to N windows of --max-doc-chars characters spread evenly over each "
+                             "document, not only its opening (intervals resample documents, not windows)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")

@@ -49,6 +49,26 @@ class EvalDocument:
     source: str
     """Identity used by the leakage guard: datastore neighbours with this source are excluded."""
     text: str
+    offset: int = 0
+    """Where `text` starts in the source (characters): windows of one file share its source."""
+
+
+def document_windows(text: str, count: int, chars: int) -> list[tuple[int, str]]:
+    """Up to `count` windows of `chars` characters spread evenly from the start to the end of
+    `text`, as (offset, window). Each starts at a line start and none overlaps the one before, so
+    a long document is sampled whole instead of by its opening only."""
+    if count <= 1 or len(text) <= chars:
+        return [(0, text[:chars])]
+    count = min(count, len(text) // chars)
+    windows, previous_end = [], 0
+    for i in range(count):
+        target = max(previous_end, (len(text) - chars) * i // max(1, count - 1))
+        start = target if target == 0 or text[target - 1] == "\n" else text.find("\n", target) + 1
+        if (start == 0 and target > 0) or start >= len(text):  # no line starts after target
+            break
+        windows.append((start, text[start: start + chars]))
+        previous_end = start + chars
+    return windows or [(0, text[:chars])]
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,8 @@ class DocumentScore:
     nll_nats: float
     retrievals: int = 0
     excluded_neighbours: int = 0
+    offset: int = 0
+    """Character offset of the scored window in its source (EvalDocument.offset)."""
 
     @property
     def bits_per_byte(self) -> float:
@@ -249,7 +271,7 @@ class Evaluator:
 
     async def evaluate(self, documents: Sequence[EvalDocument], settings: EvalSettings) -> EvalResult:
         texts, tokens = zip(*(self.tokenize(d) for d in documents)) if documents else ((), ())
-        scores = [DocumentScore(d.source, len(t.encode("utf-8")), len(ids), 0.0)
+        scores = [DocumentScore(d.source, len(t.encode("utf-8")), len(ids), 0.0, offset=d.offset)
                   for d, t, ids in zip(documents, texts, tokens)]
         spans = self._plan(list(tokens), settings)
         self.last_plan = spans
@@ -321,20 +343,25 @@ def paired_bootstrap(base: Sequence[dict], other: Sequence[dict], samples: int =
                      seed: int = 0) -> dict:
     """Relative change of byte-weighted bits per byte from `base` to `other` (per-document score
     dicts of the same documents, in the same order: EvalResult.to_dict()["per_document"]) with a
-    95% percentile interval from resampling documents with replacement (the unit that varies)."""
+    95% percentile interval from resampling source documents with replacement (the unit that
+    varies: windows of one source are summed first, since they are not independent)."""
     import numpy as np
 
-    if [d["source"] for d in base] != [d["source"] for d in other]:
+    if [(d["source"], d.get("offset", 0)) for d in base] != [(d["source"], d.get("offset", 0)) for d in other]:
         raise ValueError("paired_bootstrap needs the same documents in the same order")
-    size = np.array([d["bytes"] for d in base], dtype=np.float64)
-    nll_base = np.array([d["nll_nats"] for d in base], dtype=np.float64)
-    nll_other = np.array([d["nll_nats"] for d in other], dtype=np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(base), size=(samples, len(base)))
+    sources = list(dict.fromkeys(d["source"] for d in base))
+    group = np.array([sources.index(d["source"]) for d in base], dtype=np.int64)
+
+    def per_source(key: str, rows: Sequence[dict]):
+        return np.bincount(group, weights=[d[key] for d in rows], minlength=len(sources)).astype(np.float64)
+
+    size, nll_base, nll_other = per_source("bytes", base), per_source("nll_nats", base), per_source("nll_nats", other)
+    draws = np.random.default_rng(seed).integers(0, len(sources), size=(samples, len(sources)))
     changes = nll_other[draws].sum(axis=1) / nll_base[draws].sum(axis=1) - 1.0
     low, high = np.percentile(changes, [2.5, 97.5])
     worse = int(np.sum(nll_other / size > nll_base / size))
     return {"change": float(nll_other.sum() / nll_base.sum() - 1.0), "low": float(low), "high": float(high),
-            "documents": len(base), "documents_worse": worse}
+            "documents": len(sources), "documents_worse": worse}
 
 
 def ngram_overlap(heldout_tokens: Sequence[Sequence[int]], datastore_tokens: Sequence[Sequence[int]],

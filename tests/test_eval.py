@@ -187,6 +187,37 @@ def test_paired_bootstrap_gives_the_byte_weighted_change_and_an_interval_around_
         paired_bootstrap(base, other[::-1])
 
 
+def test_windows_of_one_document_are_one_resampling_unit():
+    from server.evaluation import paired_bootstrap
+
+    base = [{"source": f"d{i}", "bytes": 100, "nll_nats": 50.0 + i} for i in range(6)]
+    other = [dict(d, nll_nats=d["nll_nats"] * (0.8 if i % 2 else 1.05)) for i, d in enumerate(base)]
+    whole = paired_bootstrap(base, other)
+
+    def halves(rows):  # each document scored as two windows of half its bytes and loss
+        return [dict(d, bytes=d["bytes"] / 2, nll_nats=d["nll_nats"] / 2, offset=o) for d in rows for o in (0, 500)]
+
+    split = paired_bootstrap(halves(base), halves(other))
+    assert split == pytest.approx(whole)  # same change, interval and counts: 6 documents, not 12 windows
+    assert split["documents"] == 6 and split["documents_worse"] == 3
+
+
+def test_document_windows_spread_over_the_whole_text_at_line_starts():
+    from server.evaluation import document_windows
+
+    text = "".join(f"line {i:04d} " + "x" * (i % 37) + "\n" for i in range(2000))
+    windows = document_windows(text, 5, 1000)
+    assert len(windows) == 5 and windows[0] == (0, text[:1000])
+    offsets = [offset for offset, _ in windows]
+    assert all(offset == 0 or text[offset - 1] == "\n" for offset in offsets)
+    assert all(b >= a + 1000 for a, b in zip(offsets, offsets[1:]))  # no overlap
+    assert offsets[-1] >= len(text) - 1000 - 60  # the last one reaches the end (one line's slack)
+    assert all(window == text[offset: offset + 1000] for offset, window in windows)
+    assert document_windows(text, 1, 1000) == [(0, text[:1000])]
+    assert document_windows("short\n", 5, 1000) == [(0, "short\n")]
+    assert len(document_windows(text, 10**6, 1000)) <= len(text) // 1000
+
+
 def test_computed_tokens_count_what_the_prefix_cache_would_not_serve():
     """Whole KV blocks shared with the previous span's prompt of the same document are served."""
     from types import SimpleNamespace
