@@ -132,10 +132,11 @@ def settings_grid(args) -> list:
 
 async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) -> list[dict]:
     """Score `documents` under every setting of `grid` with one engine (and one open datastore)."""
-    from server.evaluation import Evaluator
+    from server.evaluation import Evaluator, share_of_tokens_worse
 
     model_dir = Path(engine.config.model_dir)
     datastore = None
+    alone = None
     try:
         retrieve = None
         if datastore_dir is not None:
@@ -150,6 +151,10 @@ async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) 
             before = engine.knn_stats()
             result = await evaluator.evaluate(documents, settings)
             row = result.to_dict()
+            if settings.mode == "none":
+                alone = result
+            elif alone is not None:
+                row["tokens_worse_vs_alone"] = share_of_tokens_worse(alone, result)
             if settings.mode in KNN_MODES:
                 row["knn_skipped_fraction"], row["knn_pointer_fraction"] = knn_fractions(engine.knn_stats(), before)
             row["model"] = str(model_dir)
@@ -222,6 +227,9 @@ def add_intervals(rows: list[dict]) -> None:
             continue
         if row["model"] in alone:
             row["vs_alone"] = paired_bootstrap(alone[row["model"]]["per_document"], row["per_document"])
+            if row.get("prose_bytes"):
+                row["prose_vs_alone"] = paired_bootstrap(alone[row["model"]]["per_document"], row["per_document"],
+                                                         nll="prose_nll_nats", size="prose_bytes")
         if row["model"] in first:
             row["vs_first"] = paired_bootstrap(first[row["model"]]["per_document"], row["per_document"])
         first.setdefault(row["model"], row)
@@ -235,14 +243,18 @@ def _percent(interval: dict | None) -> str:
 
 
 def print_table(rows: list[dict], out=None) -> None:
-    """Bits per byte per setting; changes with their 95% interval and documents worse (of all)."""
+    """Bits per byte per setting; changes with their 95% interval and documents worse (of all);
+    the prose-only change; the share of scored tokens the setting made less likely."""
     out = out or sys.stdout
     out.write(f"{'model':30s} {'setting':38s} {'tokens':>7s} {'bits/byte':>9s} {'vs alone [95%] worse':>30s} "
-              f"{'vs first row [95%] worse':>30s} {'computed/tok':>12s} {'score s':>8s}\n")
+              f"{'prose only vs alone [95%]':>30s} {'tok worse':>9s} {'vs first row [95%] worse':>30s} "
+              f"{'computed/tok':>12s} {'score s':>8s}\n")
     for row in rows:
         computed = row.get("computed_prompt_tokens", row.get("engine_prompt_tokens", 0)) / max(1, row["tokens"])
+        worse = f"{row['tokens_worse_vs_alone']:.1%}" if "tokens_worse_vs_alone" in row else ""
         out.write(f"{Path(row['model']).name[:30]:30s} {row['label'][:38]:38s} {row['tokens']:7d} "
                   f"{row['bits_per_byte']:9.4f} {_percent(row.get('vs_alone')):>30s} "
+                  f"{_percent(row.get('prose_vs_alone')):>30s} {worse:>9s} "
                   f"{_percent(row.get('vs_first')):>30s} {computed:12.1f} {row['scoring_seconds']:8.1f}\n")
 
 

@@ -12,6 +12,10 @@ with different tokenizers compare on the same text. Documents are cut to `max_do
 characters before tokenizing for the same reason. Each document starts after a document-start
 token (the model's BOS, or SmolLM2's <|endoftext|>), so every one of its tokens is scored.
 
+Beside the total, a prose-only figure scores the tokens that start on prose lines (not reST markup:
+directives and comments, field and option lines, section adornments, "Source code" lines, blank
+lines), and `token_logprobs` lets the CLI count the tokens a setting made less likely.
+
 Leakage guard: neighbours whose source is the scored document's source are dropped (searching
 k + `exclusion_margin` so k remain), and `overlap` measures near-verbatim overlap between held-out
 text and the datastore (share of held-out token 13-grams that occur in datastore chunks).
@@ -20,8 +24,10 @@ text and the datastore (share of held-out token 13-grams that occur in datastore
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +40,10 @@ from server.engine import Engine, SegmentSampling
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
 LN2 = math.log(2.0)
+MARKUP_LINE = re.compile(r"""\s*($|\.\.(\s|$)|:[^:`\s][^:`]*:(\s|$)|([=\-~^"'`#*+<>:._])\4{2,}\s*$|\*\*Source code:\*\*)""")
+"""A reStructuredText line that is markup, not prose: blank, a directive or comment (`.. `), a field
+or directive option (`:name: value`; a role such as :func:`x` starts prose), a section adornment,
+or a "**Source code:**" line."""
 OVERLAP_NGRAM = 13
 """Token n-gram length of the overlap measure (the contamination n-gram of GPT-3's analysis)."""
 
@@ -128,10 +138,37 @@ class DocumentScore:
     excluded_neighbours: int = 0
     offset: int = 0
     """Character offset of the scored window in its source (EvalDocument.offset)."""
+    prose_bytes: int = 0
+    """UTF-8 bytes of the window's prose lines (see MARKUP_LINE)."""
+    prose_nll_nats: float = 0.0
+    """NLL of the tokens that start on prose lines."""
+    token_logprobs: list[float] = field(default_factory=list, repr=False)
+    """Log-prob of every scored token, in order (kept out of results JSON: too large to commit)."""
+    prose_tokens: list[bool] = field(default_factory=list, repr=False)
 
     @property
     def bits_per_byte(self) -> float:
         return self.nll_nats / LN2 / self.bytes
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        del row["token_logprobs"], row["prose_tokens"]
+        return row | {"bits_per_byte": self.bits_per_byte}
+
+
+def prose_layout(text: str, token_starts: Sequence[int]) -> tuple[list[bool], int]:
+    """(whether each token starts on a prose line, UTF-8 bytes of the prose lines). A newline
+    belongs to the line it ends."""
+    line_starts, prose, prose_bytes, position = [], [], 0, 0
+    for line in text.splitlines(keepends=True):
+        line_starts.append(position)
+        is_prose = MARKUP_LINE.match(line.rstrip("\n")) is None
+        prose.append(is_prose)
+        prose_bytes += len(line.encode("utf-8")) if is_prose else 0
+        position += len(line)
+    if not line_starts:
+        return [False] * len(token_starts), 0
+    return [prose[bisect.bisect_right(line_starts, start) - 1] for start in token_starts], prose_bytes
 
 
 @dataclass
@@ -168,7 +205,10 @@ class EvalResult:
             "engine_prompt_tokens": self.engine_prompt_tokens,
             "computed_prompt_tokens": self.computed_prompt_tokens,
             "continued_spans": self.continued_spans,
-            "per_document": [asdict(d) | {"bits_per_byte": d.bits_per_byte} for d in self.documents],
+            "prose_bits_per_byte": (sum(d.prose_nll_nats for d in self.documents) / LN2
+                                    / max(1, sum(d.prose_bytes for d in self.documents))),
+            "prose_bytes": sum(d.prose_bytes for d in self.documents),
+            "per_document": [d.to_dict() for d in self.documents],
         }
 
 
@@ -219,13 +259,15 @@ class Evaluator:
         self.last_plan: list[_Span] = []
         """Spans of the last `evaluate` with the neighbours each was scored with (inspection)."""
 
-    def tokenize(self, document: EvalDocument) -> tuple[str, list[int]]:
+    def tokenize(self, document: EvalDocument) -> tuple[str, list[int], list[int]]:
+        """(scored text, its token ids, each token's start character)."""
         text = document.text[: self.max_doc_chars]
-        return text, self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        encoded = self.engine.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return text, encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
 
     async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
                                knn: KnnRequestSettings | None = None) -> float:
-        """Sum of log-probs of the last `scored` prompt tokens."""
+        """Log-probs of the last `scored` prompt tokens."""
         sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, knn=knn)
         values = None
         async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):
@@ -236,7 +278,7 @@ class Evaluator:
         tail = values[len(prompt_ids) - scored:]
         if any(v is None for v in tail):
             raise RuntimeError("a scored position has no log-prob")
-        return float(sum(tail))
+        return [float(v) for v in tail]
 
     def _plan(self, tokens: list[list[int]], settings: EvalSettings) -> list[_Span]:
         spans = []
@@ -270,9 +312,13 @@ class Evaluator:
             span.candidates = kept[:fetched]
 
     async def evaluate(self, documents: Sequence[EvalDocument], settings: EvalSettings) -> EvalResult:
-        texts, tokens = zip(*(self.tokenize(d) for d in documents)) if documents else ((), ())
-        scores = [DocumentScore(d.source, len(t.encode("utf-8")), len(ids), 0.0, offset=d.offset)
-                  for d, t, ids in zip(documents, texts, tokens)]
+        texts, tokens, starts = zip(*(self.tokenize(d) for d in documents)) if documents else ((), (), ())
+        scores = []
+        for document, text, ids, token_starts in zip(documents, texts, tokens, starts):
+            prose, prose_bytes = prose_layout(text, token_starts)
+            scores.append(DocumentScore(document.source, len(text.encode("utf-8")), len(ids), 0.0,
+                                        offset=document.offset, prose_bytes=prose_bytes,
+                                        token_logprobs=[0.0] * len(ids), prose_tokens=prose))
         spans = self._plan(list(tokens), settings)
         self.last_plan = spans
         started = time.perf_counter()
@@ -288,9 +334,13 @@ class Evaluator:
 
         async def score(number: int, span: _Span, prompt: list[int]) -> None:
             async with limit:
-                logprob = await self._prompt_logprobs(prompt, span.end - span.start, f"eval-{id(self)}-{number}",
-                                                      settings.knn())
-            scores[span.document].nll_nats -= logprob
+                logprobs = await self._prompt_logprobs(prompt, span.end - span.start, f"eval-{id(self)}-{number}",
+                                                       settings.knn())
+            document = scores[span.document]
+            document.token_logprobs[span.start: span.end] = logprobs
+            document.nll_nats -= sum(logprobs)
+            document.prose_nll_nats -= sum(lp for lp, prose in zip(logprobs, document.prose_tokens[span.start:])
+                                           if prose)
             progress.update(span.end - span.start)
 
         started = time.perf_counter()
@@ -339,12 +389,21 @@ class Evaluator:
         return contexts
 
 
+def share_of_tokens_worse(base: EvalResult, other: EvalResult) -> float:
+    """Fraction of scored tokens whose log-prob is lower under `other` than under `base` (the same
+    documents and tokenizer)."""
+    pairs = [(b, o) for db, do in zip(base.documents, other.documents)
+             for b, o in zip(db.token_logprobs, do.token_logprobs, strict=True)]
+    return sum(o < b for b, o in pairs) / max(1, len(pairs))
+
+
 def paired_bootstrap(base: Sequence[dict], other: Sequence[dict], samples: int = 10_000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, nll: str = "nll_nats", size: str = "bytes") -> dict:
     """Relative change of byte-weighted bits per byte from `base` to `other` (per-document score
     dicts of the same documents, in the same order: EvalResult.to_dict()["per_document"]) with a
     95% percentile interval from resampling source documents with replacement (the unit that
-    varies: windows of one source are summed first, since they are not independent)."""
+    varies: windows of one source are summed first, since they are not independent). `nll` and
+    `size` name the fields scored (prose_nll_nats / prose_bytes: the prose-only figure)."""
     import numpy as np
 
     if [(d["source"], d.get("offset", 0)) for d in base] != [(d["source"], d.get("offset", 0)) for d in other]:
@@ -355,7 +414,7 @@ def paired_bootstrap(base: Sequence[dict], other: Sequence[dict], samples: int =
     def per_source(key: str, rows: Sequence[dict]):
         return np.bincount(group, weights=[d[key] for d in rows], minlength=len(sources)).astype(np.float64)
 
-    size, nll_base, nll_other = per_source("bytes", base), per_source("nll_nats", base), per_source("nll_nats", other)
+    size, nll_base, nll_other = per_source(size, base), per_source(nll, base), per_source(nll, other)
     draws = np.random.default_rng(seed).integers(0, len(sources), size=(samples, len(sources)))
     changes = nll_other[draws].sum(axis=1) / nll_base[draws].sum(axis=1) - 1.0
     low, high = np.percentile(changes, [2.5, 97.5])

@@ -202,6 +202,43 @@ def test_windows_of_one_document_are_one_resampling_unit():
     assert split["documents"] == 6 and split["documents_worse"] == 3
 
 
+def test_prose_lines_exclude_restructuredtext_markup():
+    from server.evaluation import prose_layout
+
+    lines = [
+        (":mod:`os` --- Miscellaneous interfaces\n", True),  # a role starts prose
+        ("======================================\n", False),
+        (".. module:: os\n", False),
+        ("   :synopsis: Miscellaneous operating system interfaces.\n", False),
+        ("**Source code:** :source:`Lib/os.py`\n", False),
+        ("\n", False),
+        ("This module provides a portable way of using operating system dependent functionality.\n", True),
+        ("..\n", False),
+        ("   - an indented list item\n", True),
+    ]
+    text = "".join(line for line, _ in lines)
+    starts = [sum(len(line) for line, _ in lines[:i]) for i in range(len(lines))]
+    ends = [start + len(line) - 1 for start, (line, _) in zip(starts, lines)]  # each line's newline
+    prose, prose_bytes = prose_layout(text, starts + ends)
+    expected = [is_prose for _, is_prose in lines]
+    assert prose == expected + expected  # a newline belongs to the line it ends
+    assert prose_bytes == sum(len(line.encode()) for line, is_prose in lines if is_prose)
+
+
+def test_share_of_tokens_worse_pairs_tokens_in_order():
+    from server.evaluation import DocumentScore, EvalResult, EvalSettings, share_of_tokens_worse
+
+    def result(*documents):
+        return EvalResult(EvalSettings(), [DocumentScore("d", 1, len(lp), 0.0, token_logprobs=lp) for lp in documents])
+
+    base = result([-1.0, -2.0, -3.0], [-0.5])
+    other = result([-1.5, -2.0, -2.0], [-0.6])
+    assert share_of_tokens_worse(base, other) == 2 / 4
+    assert share_of_tokens_worse(base, base) == 0.0
+    with pytest.raises(ValueError):
+        share_of_tokens_worse(base, result([-1.0], [-0.5]))
+
+
 def test_document_windows_spread_over_the_whole_text_at_line_starts():
     from server.evaluation import document_windows
 
