@@ -169,13 +169,15 @@ def print_table(rows: list[Row], concurrency: list[int], out=sys.stdout) -> None
 
 async def main_async(args) -> list[Row]:
     from server import paths
-    from server.eval_cli import heldout_documents, read_split
+    from server.eval_cli import heldout_documents, read_split, refuse_leaking_token_datastore
 
     model_dir = Path(args.model) if args.model else paths.default_model_dir()
     files = (args.documents.read_text().split() if args.documents else read_split(args.split)["heldout"])
     documents = heldout_documents(files, args.max_docs)
     all_runs = scenarios(args)
     stores = {"main": args.token_datastore, "merged": args.merged_datastore, "pca": args.pca_datastore}
+    for path in filter(None, stores.values()):
+        refuse_leaking_token_datastore(Path(path), documents)  # the same guard as `eval run`
     rows: list[Row] = []
     for name, path in stores.items():
         runs = [s for s in all_runs if s.datastore == name]
@@ -227,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    rows = asyncio.run(main_async(args))
+    from server.eval_cli import EvalError
+
+    try:
+        rows = asyncio.run(main_async(args))
+    except EvalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print_table(rows, args.concurrency)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -293,3 +293,18 @@ def test_a_span_whose_neighbours_come_back_continues_the_previous_span_prompt():
     assert built[2].token_ids == built[1].token_ids + ids[16:32]
     relaid = evaluator._contexts(spans, [ids], EvalSettings(stride=16, layout="suffix", keep_same_neighbours=False))
     assert not relaid[2].continued and relaid[2].token_ids[: 1 + 32] == [7] + ids[:32]
+
+
+def test_bench_knn_refuses_a_token_datastore_built_from_the_scored_documents(tmp_path, capsys):
+    """bench_knn publishes token-mode figures, so it runs eval's leakage guard before any engine starts."""
+    from bench import bench_knn
+
+    scored = tmp_path / "scored.rst"
+    scored.write_text("Held-out text.\n")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"heldout": [str(scored)], "datastore": []}))
+    store = tmp_path / "token"
+    store.mkdir()
+    (store / "docs.json").write_text(json.dumps([{"source": str(scored)}]))
+    assert bench_knn.main(["--split", str(split), "--token-datastore", str(store)]) == 2
+    assert "was built from 1 of the scored documents" in capsys.readouterr().err
