@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def main() -> int:
                       f"{row.retrieval_ms_per_request:8.1f} {row.prefix_cache_hit_rate:10.3f} "
                       f"{row.computed_prompt_per_generated:12.2f} {row.continued_fraction:11.2f}", flush=True)
         report = {
+            "invocation": shlex.join(["python", *sys.argv]),
             "model": {"path": info.model.path, "quantization": info.model.quantization, "dtype": info.model.dtype,
                       "device": info.model.device},
             "datastore": {"path": info.datastore.path, "entries": info.datastore.entry_count,

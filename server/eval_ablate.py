@@ -83,8 +83,8 @@ def _annotate(row: dict, factor: str, value, datastore_dir: Path, extra: dict) -
 
 
 async def ablate_async(args, engine=None) -> dict:
-    from server.eval_cli import (_heldout, _model_dir, _with_engine, add_intervals, print_table, score_grid,
-                                 write_results)
+    from server.eval_cli import (_heldout, _model_dir, _with_engine, add_intervals, invocation, print_table,
+                                 score_grid, write_results)
 
     documents = _heldout(args)
     model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
@@ -111,7 +111,7 @@ async def ablate_async(args, engine=None) -> dict:
     add_intervals(rows)
     print_table(rows)
     print_ablations(rows)
-    payload = {"command": "ablate", "documents": [d.source for d in documents], "base": rows[1]["settings"],
+    payload = {"command": "ablate", "invocation": invocation(), "documents": [d.source for d in documents], "base": rows[1]["settings"],
                "datastore": str(base_dir), "rows": rows, "max_doc_chars": args.max_doc_chars}
     path = write_results(args.output_dir, payload)
     plot_ablations(rows, args.output_dir / "ablations.png")

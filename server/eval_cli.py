@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -62,6 +63,11 @@ def read_split(path: Path) -> dict:
     except (OSError, ValueError, KeyError) as error:
         raise EvalError(f"{path} is not a split file ({error}); write one with `retroserve eval split`") from error
     return split
+
+
+def invocation() -> str:
+    """The command line that made a results file, as a reader would type it again."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def heldout_documents(files: list[str], max_docs: int | None, windows: int = 1, window_chars: int = 4096):
@@ -380,7 +386,7 @@ async def run_async(args, engine=None) -> dict:
                               token_datastore=args.token_datastore)
     for reference in args.reference_model:
         rows += await score_model_alone(Path(reference), documents, args)
-    payload = {"command": "run", "documents": [d.source for d in documents], "rows": rows,
+    payload = {"command": "run", "invocation": invocation(), "documents": [d.source for d in documents], "rows": rows,
                "max_doc_chars": args.max_doc_chars}
     add_intervals(rows)
     if datastore_dir is not None:
@@ -440,7 +446,7 @@ async def sweep_async(args, engine=None) -> dict:
         return rows, references
 
     rows, references = await _with_engine(model_dir, args, engine, sweep)
-    payload = {"command": "sweep", "documents": [d.source for d in documents], "references": references,
+    payload = {"command": "sweep", "invocation": invocation(), "documents": [d.source for d in documents], "references": references,
                "rows": rows, "max_doc_chars": args.max_doc_chars, "failed_references": []}
     path = write_results(args.output_dir, payload)  # the sweep's own rows survive a reference failing
     for reference in args.reference_model:
