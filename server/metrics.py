@@ -9,6 +9,10 @@ REGISTRY when the engine runs with log_stats on. In production, `Metrics()` (no 
 ours in that same default registry and `start_metrics_server` exposes it, so one scrape sees vLLM's
 metrics and ours. Tests pass their own `CollectorRegistry()` for isolation (a registry refuses a
 second metric of the same name, so only one default-registry `Metrics` may exist per process).
+
+No `_created` series: prometheus-client adds a creation-timestamp series beside every counter and
+histogram by default, doubling the series count for a value Prometheus's text format ignores;
+importing this module turns them off for the process (vLLM's metrics included).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from server.config import CHUNK_MODES, RETRIEVAL_MODES
 
 PREFIX = "retroserve"
+
+prometheus_client.disable_created_metrics()
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 """Whole RPCs: Tokenize/Info take milliseconds, a CPU generation of 1024 tokens minutes."""

@@ -35,13 +35,10 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def families(url: str) -> dict[str, str]:
-    """{family name: type} from one scrape (families appear even before their first sample).
-
-    prometheus_client also exposes a `<counter>_created` timestamp per counter/histogram, which the
-    text parser reports as separate gauges; those are left out."""
+    """{family name: type} from one scrape (families appear even before their first sample)."""
     with urllib.request.urlopen(url, timeout=5) as response:
         parsed = text_string_to_metric_families(response.read().decode())
-        return {family.name: family.type for family in parsed if not family.name.endswith("_created")}
+        return {family.name: family.type for family in parsed}
 
 
 def test_names_follow_prometheus_conventions(endpoint):
