@@ -168,7 +168,7 @@ def print_table(rows: list[Row], concurrency: list[int], out=sys.stdout) -> None
 
 
 async def main_async(args) -> list[Row]:
-    from server import paths
+    from artefacts import paths
     from server.eval_cli import heldout_documents, read_split, refuse_leaking_token_datastore
 
     model_dir = Path(args.model) if args.model else paths.default_model_dir()

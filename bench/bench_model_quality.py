@@ -48,7 +48,8 @@ def vllm_token_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
 
 
 def main() -> None:
-    from server import checkpoint, model_prep, paths
+    from artefacts import checkpoint, paths
+    from server import model_prep
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=str(paths.default_model_dir()))

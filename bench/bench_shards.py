@@ -205,7 +205,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.datastore is None:
-        from server import paths
+        from artefacts import paths
 
         args.datastore = default_datastore(args.work, args.model or paths.default_model_dir())
     datastore = augmented_datastore(args.datastore, args.entries, args.work) if args.entries else args.datastore

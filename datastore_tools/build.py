@@ -242,3 +242,19 @@ def _write_stage(stage, config, documents, chunks, vectors, index, index_info, t
     )
     seconds["write"] = time.perf_counter() - started
     return write_manifest(stage, manifest)
+
+
+def ensure_default_datastore(datastore_dir: Path, model_dir: Path) -> None:
+    """Build the default datastore (the Python reference from pydoc_data) at `datastore_dir` when
+    that is the default path and holds none yet, so a fresh machine serves with retrieval after
+    one command; any other path is left to the server, which names a missing one."""
+    from artefacts import paths
+
+    datastore_dir = Path(datastore_dir)
+    if (datastore_dir / "manifest.json").is_file():
+        return
+    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
+        return
+    log.info("default datastore missing: building it from pydoc_data.topics into %s", datastore_dir)
+    build_datastore(BuildConfig(output=datastore_dir, model_dir=Path(model_dir), default_corpus=True,
+                                progress=False))

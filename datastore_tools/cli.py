@@ -43,7 +43,7 @@ def handles_errors(run, extra: tuple[type[Exception], ...] = ()):
 
 
 def _default_model_dir() -> Path:
-    from server import paths
+    from artefacts import paths
 
     return paths.default_model_dir()
 
@@ -91,7 +91,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from datastore_tools.build import BuildConfig, build_datastore
     from datastore_tools.errors import DatastoreToolError
-    from server import paths
+    from artefacts import paths
 
     if not args.inputs and not args.default_corpus:
         raise DatastoreToolError("nothing to index: pass files or folders, or --default-corpus")

@@ -17,18 +17,9 @@ import numpy as np
 from datastore_tools import index_factory, payloads, publish
 from datastore_tools.errors import DatastoreToolError
 from datastore_tools.manifest import make_manifest, write_manifest
+from datastore_tools.raw_embeddings import refuse_shard
 from retriever import format as fmt
 from retriever.datastore import Datastore
-
-
-def refuse_shard(source: Datastore) -> None:
-    """Shards keep global chunk ids and share their parent's index: derive from the parent instead."""
-    shard = source.manifest.get("shard")
-    if shard:
-        raise DatastoreToolError(
-            f"{source.path} is shard {shard['index']} of {shard['count']}; prune or reduce its parent "
-            f"datastore ({shard['parent']['path']}) and shard the result again"
-        )
 
 
 def write_derived(

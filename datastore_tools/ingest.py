@@ -110,7 +110,7 @@ def default_corpus() -> list[Document]:
     ]
 
 
-def _expand(inputs: Iterable[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw)
@@ -189,7 +189,7 @@ def read_documents(
         )
     report = IngestReport()
     candidates: list[Document] = default_corpus() if use_default_corpus else []
-    for path in _expand(inputs):
+    for path in expand_inputs(inputs):
         text = _read_text(path, on_undecodable, report)
         if text is None:
             continue

@@ -12,16 +12,25 @@ import logging
 import faiss
 import numpy as np
 
+from datastore_tools.errors import DatastoreToolError
 from retriever import format as fmt
 from retriever.datastore import Datastore
 
 log = logging.getLogger(__name__)
 
 
+def refuse_shard(source: Datastore) -> None:
+    """Shards keep global chunk ids and share their parent's index: derive from the parent instead."""
+    shard = source.manifest.get("shard")
+    if shard:
+        raise DatastoreToolError(
+            f"{source.path} is shard {shard['index']} of {shard['count']}; prune or reduce its parent "
+            f"datastore ({shard['parent']['path']}) and shard the result again"
+        )
+
+
 def load_raw_embeddings(datastore: Datastore, encoder=None) -> tuple[np.ndarray, str]:
     """float32 [ntotal, 384] and where they came from ("stored", "reconstructed", "re-embedded")."""
-    from datastore_tools.derive import refuse_shard
-
     refuse_shard(datastore)
     stored = datastore.path / fmt.EMBEDDINGS_FILE
     if stored.is_file():

@@ -3,7 +3,7 @@
 Keys are the final hidden states (after the last RMSNorm: the vectors the logits are computed
 from) of the *served* weights at every corpus position; the value of position t is token t+1.
 They are computed with HF transformers on the exact weights vLLM serves: for a GPTQ checkpoint the
-dense copy of server/checkpoint.py (dequantized 4-bit codes, which fp32 holds exactly, so the same
+dense copy of artefacts/checkpoint.py (dequantized 4-bit codes, which fp32 holds exactly, so the same
 function as the 4-bit model), in the activation dtype the server uses on this machine (bf16 on
 AVX-512 CPUs and GPUs, fp32 where the server serves the dense copy). tests/test_knn_serving.py
 checks that build-time keys and serving-time queries agree (cosine >= 0.99). HF rather than the engine itself because only the hidden states are needed: no
@@ -11,7 +11,7 @@ vocabulary projection and no log-softmax per position, which is what makes engin
 slow on this CPU.
 
 Each document is tokenized exactly as `retroserve eval` scores it: the document-start token first
-(server/evaluation.py `document_start_ids`), then the text without special tokens, so a key at
+(artefacts/tokenizer.py `document_start_ids`), then the text without special tokens, so a key at
 position t has seen the same context the server sees when it scores that position. Documents
 longer than `window` tokens are run in windows that advance by `stride`; a window after the first
 keeps only its last `stride` positions, so every key has at least `window - stride` tokens of
@@ -109,10 +109,10 @@ def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def key_dtype(model_dir: Path) -> str:
-    """The activation dtype the server runs this model with on this machine (server/checkpoint.py):
+    """The activation dtype the server runs this model with on this machine (artefacts/checkpoint.py):
     keys are computed in it, so build-time keys carry the same rounding as serving-time queries."""
-    from server import checkpoint
-    from server.engine import detect_device
+    from artefacts import checkpoint
+    from artefacts.checkpoint import detect_device
 
     served_dir, _ = checkpoint.served_checkpoint(Path(model_dir), detect_device())
     return checkpoint.serving_dtype("auto", served_dir, Path(model_dir))
@@ -123,7 +123,7 @@ def load_key_model(model_dir: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from server import checkpoint
+    from artefacts import checkpoint
 
     model_dir = Path(model_dir)
     source = checkpoint.ensure_dense_copy(model_dir) if checkpoint.gptq_config(model_dir) else model_dir
@@ -232,7 +232,7 @@ def build_token_datastore(config: TokenBuildConfig) -> TokenBuildResult:
     )
     seconds["ingest"] = time.perf_counter() - started
 
-    from server.evaluation import document_start_ids
+    from artefacts.tokenizer import document_start_ids
 
     started = time.perf_counter()
     tokenizer = chunking.load_tokenizer(model_dir)

@@ -1,8 +1,8 @@
 """The retrieval side of a running server: open the datastore, put the cache and batcher in front.
 
-`open_for_serving` is what `retroserve serve` calls once the engine is up. It builds the default
-datastore first when the configured one is the default and does not exist yet (so a fresh machine
-serves with retrieval after one command), refuses a datastore built with another tokenizer, warms
+`open_for_serving` is what `retroserve serve` calls once the engine is up (after
+datastore_tools.build.ensure_default_datastore has built the default datastore on a fresh
+machine). It refuses a datastore built with another tokenizer, warms
 the query encoder so the first request does not pay for loading it, and wires metrics into the
 one search function every retrieval goes through. With `--retriever-shards` the datastore is a
 retriever.fanout.FanoutSearcher over the shard processes instead: same search interface, so the
@@ -39,27 +39,6 @@ class ServingRetrieval:
         self.datastore.close()
 
 
-def ensure_datastore(datastore_dir: Path, model_dir: Path) -> Path:
-    """Return `datastore_dir`, building the default datastore there first if it is the default
-    path and missing; any other missing path is an error that says how to build it."""
-    from server import paths
-
-    datastore_dir = Path(datastore_dir)
-    if (datastore_dir / "manifest.json").is_file():
-        return datastore_dir
-    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
-        raise DatastoreError(
-            f"no datastore at {datastore_dir}: build one with `retroserve datastore build FILES... "
-            f"-o {datastore_dir}`, or serve with --no-datastore"
-        )
-    from datastore_tools.build import BuildConfig, build_datastore
-
-    log.info("default datastore missing: building it from pydoc_data.topics into %s", datastore_dir)
-    build_datastore(BuildConfig(output=datastore_dir, model_dir=Path(model_dir), default_corpus=True,
-                                progress=False))
-    return datastore_dir
-
-
 def metered_search(searcher: CachedSearcher, metrics=None):
     """The batcher's search function: a cached batched search that reports phases and cache use."""
 
@@ -88,7 +67,11 @@ def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetri
     expected = fingerprints.tokenizer_fingerprint(model_dir)
     shards = config.shards
     if not shards.addresses:
-        path = ensure_datastore(config.retrieval.datastore_dir, model_dir)
+        path = Path(config.retrieval.datastore_dir)
+        if not (path / "manifest.json").is_file():
+            raise DatastoreError(
+                f"no datastore at {path}: build one with `retroserve datastore build FILES... -o {path}`, "
+                "or serve with --no-datastore")
         return open_datastore_for_serving(path, config, metrics, device)
     from retriever.fanout import FanoutSearcher
 

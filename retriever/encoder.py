@@ -51,7 +51,7 @@ def default_model_path() -> Path:
 
 
 def onnx_cache_dir() -> Path:
-    from server import paths
+    from artefacts import paths
 
     return paths.cache_root() / "embedders" / "all-MiniLM-L6-v2-onnx"
 

@@ -113,15 +113,10 @@ class RunningServer:
         self.stopped.set()
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def check_model(config: ServerConfig) -> bool:
     """True if the model is prepared, False if it is the default one and must be prepared first;
     any other missing model is an error that names the fix (raised before any port opens)."""
-    from server import paths
+    from artefacts import paths
 
     model_dir = config.engine.model_dir
     if (model_dir / "config.json").is_file():
@@ -153,12 +148,12 @@ def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
         return
     from datastore_tools.verify import verify_datastore
     from retriever.datastore import DatastoreError
-    from server import paths
+    from artefacts import paths
     from server.hot_swap import PROBLEMS_SHOWN
 
     path = Path(config.retrieval.datastore_dir)
     if not (path / "manifest.json").is_file() and path.resolve() == paths.default_datastore_dir().resolve():
-        return  # the default datastore is built on first use (retriever.api.ensure_datastore)
+        return  # built on first use (datastore_tools.build.ensure_default_datastore)
     problems = verify_datastore(path)
     if problems:
         more = f" (and {len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
@@ -181,8 +176,12 @@ def load_datastores(config: ServerConfig, with_datastore: bool, metrics):
     in the slot that hot swaps replace it in."""
     if not with_datastore:
         return None
+    from datastore_tools.build import ensure_default_datastore
     from retriever import api as retriever_api
     from server.hot_swap import DatastoreSlot
+
+    if not config.shards.addresses:
+        ensure_default_datastore(config.retrieval.datastore_dir, config.engine.model_dir)
 
     def open_datastore(path, encoder):
         return retriever_api.open_datastore_for_serving(path, config, metrics=metrics, encoder=encoder)
@@ -216,7 +215,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     from server import service as service_module
     from server.admin import AdminService
     from server.auth import BearerTokens
-    from server.metrics import Metrics, start_metrics_server, stop_metrics_server
+    from server.metrics import Metrics, split_address, start_metrics_server, stop_metrics_server
     from server.tls import certificates_for
 
     if engine is None:
@@ -249,7 +248,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
          reflection.SERVICE_NAME),
         server,
     )
-    host, port = _split_address(config.address)
+    host, port = split_address(config.address)
     listen = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
         if certificates is None:

@@ -218,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_retriever_serve_arguments(retriever_serve)
     retriever_serve.set_defaults(func=run_retriever_serve)
 
-    from server import eval_cli, generate_cli
+    from server import eval_ablate, eval_cli, generate_cli
 
-    eval_cli.add_eval_commands(groups)
+    eval_ablate.add_ablate_command(eval_cli.add_eval_commands(groups))
 
     generate = groups.add_parser("generate", help="generate from a running server, streaming to the terminal")
     generate_cli.add_generate_arguments(generate)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server import checkpoint
+from artefacts import checkpoint
 from server.config import EngineConfig
 from server.knn_settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACKER, KnnRequestSettings
 
@@ -54,15 +54,6 @@ class SegmentDelta:
     prompt_top1: list[int | None] | None = None
 
 
-def detect_device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - torch always comes with vllm
-        return "cpu"
-
-
 class Engine:
     """One vLLM AsyncLLM plus the tokenizer of the served model."""
 
@@ -89,7 +80,7 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        device = device or detect_device()
+        device = device or checkpoint.detect_device()
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
         dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
         token_datastore, knn_args, knn_stats_file = None, {}, None

@@ -21,6 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from server.config import CHUNK_MODES
+from server.eval_cli import (add_intervals, add_scoring_arguments, exit_cleanly_on_sigterm, handles_errors,
+                             heldout_from_args, invocation, model_dir_from_args, print_table, score_grid,
+                             with_engine, write_results)
 from server.evaluation import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -83,11 +86,8 @@ def _annotate(row: dict, factor: str, value, datastore_dir: Path, extra: dict) -
 
 
 async def ablate_async(args, engine=None) -> dict:
-    from server.eval_cli import (_heldout, _model_dir, _with_engine, add_intervals, invocation, print_table,
-                                 score_grid, write_results)
-
-    documents = _heldout(args)
-    model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
+    documents = heldout_from_args(args)
+    model_dir = Path(engine.config.model_dir) if engine is not None else model_dir_from_args(args)
     base_dir = Path(args.datastore)
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
@@ -107,7 +107,7 @@ async def ablate_async(args, engine=None) -> dict:
             rows.append(_annotate(row, factor, value, path, info))
         return rows
 
-    rows = await _with_engine(model_dir, args, engine, work)
+    rows = await with_engine(model_dir, args, engine, work)
     add_intervals(rows)
     print_table(rows)
     print_ablations(rows)
@@ -181,14 +181,13 @@ def plot_ablations(rows: list[dict], path: Path) -> None:
 
 
 def run_ablate(args) -> int:
-    from server.eval_cli import _exit_cleanly_on_sigterm
-
-    _exit_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     asyncio.run(ablate_async(args))
     return 0
 
 
-def add_ablate_command(commands, add_scoring_arguments, handles_errors) -> None:
+def add_ablate_command(commands) -> None:
+    """Adds `ablate` to the `eval` subcommands (server.eval_cli.add_eval_commands)."""
     ablate = commands.add_parser("ablate", help="one change at a time around a base setting: k, stride, "
                                                 "query length, PCA, pruning, index type")
     ablate.add_argument("--split", type=Path, default=None)

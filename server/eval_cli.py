@@ -42,9 +42,9 @@ class EvalError(Exception):
 
 def make_split(inputs: list[Path], heldout_fraction: float, seed: int, max_heldout: int | None) -> dict:
     """Split files by document with a fixed seed: held-out files never enter the datastore."""
-    from datastore_tools.ingest import _expand
+    from datastore_tools.ingest import expand_inputs
 
-    files = sorted(str(p) for p in _expand(inputs))
+    files = sorted(str(p) for p in expand_inputs(inputs))
     if len(files) < 2:
         raise EvalError(f"need at least 2 files to split, found {len(files)} under {inputs}")
     order = files[:]
@@ -181,11 +181,11 @@ async def score_model_alone(model_dir: Path, documents, args) -> list[dict]:
     """A reference model (e.g. Gemma-3 270M) scored alone, in an engine of its own."""
     from server.evaluation import EvalSettings
 
-    return await _with_engine(model_dir, args, None,
+    return await with_engine(model_dir, args, None,
                               lambda engine: score_grid(engine, documents, [EvalSettings(mode="none")], None, args))
 
 
-async def _with_engine(model_dir: Path, args, engine, work, token_datastore: Path | None = None):
+async def with_engine(model_dir: Path, args, engine, work, token_datastore: Path | None = None):
     """Run `work(engine)` with the given engine, or with one loaded for `model_dir` (serving
     `token_datastore` for token mode) and stopped after."""
     if engine is not None:
@@ -324,8 +324,8 @@ def write_results(output_dir: Path, payload: dict) -> Path:
 # -- commands ------------------------------------------------------------------------------------
 
 
-def _model_dir(args) -> Path:
-    from server import paths
+def model_dir_from_args(args) -> Path:
+    from artefacts import paths
 
     model_dir = Path(args.model) if args.model else paths.default_model_dir()
     if not (model_dir / "config.json").is_file():
@@ -354,7 +354,7 @@ def refuse_leaking_token_datastore(token_datastore: Path, documents) -> None:
                         "(`retroserve eval split` writes them) so held-out text is not in it")
 
 
-def _heldout(args) -> list:
+def heldout_from_args(args) -> list:
     if args.split and args.heldout:
         raise EvalError("pass --split FILE or --heldout FILES, not both (--split scores the split's held-out files)")
     if args.split:
@@ -376,12 +376,12 @@ def run_split(args) -> int:
 
 async def run_async(args, engine=None) -> dict:
     """`eval run`; `engine`: an already started engine of the same model (tests pass one)."""
-    documents = _heldout(args)
+    documents = heldout_from_args(args)
     if args.token_datastore:
         refuse_leaking_token_datastore(Path(args.token_datastore), documents)
-    model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
+    model_dir = Path(engine.config.model_dir) if engine is not None else model_dir_from_args(args)
     datastore_dir = Path(args.datastore) if args.datastore else None
-    rows = await _with_engine(model_dir, args, engine,
+    rows = await with_engine(model_dir, args, engine,
                               lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args),
                               token_datastore=args.token_datastore)
     for reference in args.reference_model:
@@ -410,7 +410,7 @@ async def sweep_async(args, engine=None) -> dict:
     from datastore_tools.build import BuildConfig, build_datastore
     from datastore_tools.derive import subset_by_sources
 
-    model_dir = Path(engine.config.model_dir) if engine is not None else _model_dir(args)
+    model_dir = Path(engine.config.model_dir) if engine is not None else model_dir_from_args(args)
     split = read_split(args.split)
     documents = heldout_documents(split["heldout"], args.max_docs, args.windows, args.max_doc_chars)
     grid = settings_grid(args)
@@ -445,7 +445,7 @@ async def sweep_async(args, engine=None) -> dict:
                     rows.append(row)
         return rows, references
 
-    rows, references = await _with_engine(model_dir, args, engine, sweep)
+    rows, references = await with_engine(model_dir, args, engine, sweep)
     payload = {"command": "sweep", "invocation": invocation(), "documents": [d.source for d in documents], "references": references,
                "rows": rows, "max_doc_chars": args.max_doc_chars, "failed_references": []}
     path = write_results(args.output_dir, payload)  # the sweep's own rows survive a reference failing
@@ -463,7 +463,7 @@ async def sweep_async(args, engine=None) -> dict:
     return payload
 
 
-def _exit_cleanly_on_sigterm() -> None:
+def exit_cleanly_on_sigterm() -> None:
     """SIGTERM raises SystemExit so `finally` shuts the engine down: killed without it, the main
     process dies and vLLM's engine-core process was seen running on, orphaned, for 20 minutes."""
     def stop(signum, frame):
@@ -473,18 +473,18 @@ def _exit_cleanly_on_sigterm() -> None:
 
 
 def run_run(args) -> int:
-    _exit_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     asyncio.run(run_async(args))
     return 0
 
 
 def run_sweep(args) -> int:
-    _exit_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     asyncio.run(sweep_async(args))
     return 0
 
 
-def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="prepared model (default: the default model)")
     parser.add_argument("--reference-model", action="append", default=[], type=Path,
                         help="another prepared model scored alone (e.g. Gemma-3 270M); repeatable")
@@ -513,13 +513,15 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))
 
 
-def _handles_errors(run):
-    from datastore_tools.cli import handles_errors
+def handles_errors(run):
+    """`run` with the CLI's error handling: EvalError and datastore errors print their message."""
+    from datastore_tools.cli import handles_errors as datastore_handles_errors
 
-    return handles_errors(run, extra=(EvalError,))
+    return datastore_handles_errors(run, extra=(EvalError,))
 
 
-def add_eval_commands(groups) -> None:
+def add_eval_commands(groups):
+    """Adds `eval split|run|sweep`; returns the subcommand group (server.eval_ablate adds `ablate`)."""
     evaluation = groups.add_parser("eval", help="bits per byte with and without retrieval; sweeps and ablations")
     commands = evaluation.add_subparsers(dest="command", required=True)
 
@@ -529,7 +531,7 @@ def add_eval_commands(groups) -> None:
     split.add_argument("--heldout-fraction", type=float, default=0.05)
     split.add_argument("--max-heldout", type=int, default=None)
     split.add_argument("--seed", type=int, default=0)
-    split.set_defaults(func=_handles_errors(run_split))
+    split.set_defaults(func=handles_errors(run_split))
 
     run = commands.add_parser(
         "run", help="score held-out documents alone and with retrieval (settings grid)",
@@ -558,17 +560,14 @@ def add_eval_commands(groups) -> None:
     run.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,
                      help="engine setting: follow pointers only within this multiple of the last search's "
                           "k-th squared distance (0: no gate)")
-    _add_scoring_arguments(run)
-    run.set_defaults(func=_handles_errors(run_run))
+    add_scoring_arguments(run)
+    run.set_defaults(func=handles_errors(run_run))
 
     sweep = commands.add_parser("sweep", help="build datastores from growing fractions and score each")
     sweep.add_argument("--split", type=Path, required=True)
     sweep.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     sweep.add_argument("--index", default="Flat", help="FAISS factory string of the sweep's datastores")
-    _add_scoring_arguments(sweep)
-    sweep.set_defaults(func=_handles_errors(run_sweep))
-
-    from server.eval_ablate import add_ablate_command
-
-    add_ablate_command(commands, _add_scoring_arguments, _handles_errors)
+    add_scoring_arguments(sweep)
+    sweep.set_defaults(func=handles_errors(run_sweep))
+    return commands
 

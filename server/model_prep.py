@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from retriever import fingerprints
-from server import paths
+from artefacts import paths
 
 log = logging.getLogger(__name__)
 

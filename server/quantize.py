@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from server import gptq_format
+from artefacts import gptq_format
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ async def start(config: RetrieverServerConfig, registry=None) -> RunningRetrieve
     """Open the port, then the datastore; returns once health is SERVING (or raises)."""
     from retriever.datastore import Datastore
     from retriever.shard_service import RetrieverServicer
-    from server.app import _split_address
+    from server.metrics import split_address
     from server.errors import ErrorInterceptor
     from server.metrics import RetrieverMetrics, start_metrics_server, stop_metrics_server
 
@@ -88,7 +88,7 @@ async def start(config: RetrieverServerConfig, registry=None) -> RunningRetrieve
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    host, port = _split_address(config.address)
+    host, port = split_address(config.address)
     try:
         bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
     except RuntimeError as error:

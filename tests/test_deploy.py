@@ -21,7 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server import cli, paths
+from artefacts import paths
+from server import cli
 from server.config import ServerConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
+from artefacts.tokenizer import document_start_ids
 from server import eval_ablate, eval_cli
 from server.cli import build_parser
-from server.evaluation import EvalDocument, Evaluator, EvalSettings, document_start_ids, ngram_overlap
+from server.evaluation import EvalDocument, Evaluator, EvalSettings, ngram_overlap
 
 TEXT = "The assert statement checks a condition and raises AssertionError when it is false. ☃"
 

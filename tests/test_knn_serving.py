@@ -32,7 +32,7 @@ KEY_COSINE_MIN = 0.995
 only. Measured on AMD EPYC Zen 4 (W4A16, vec attention): min 0.99931, mean 0.99985 over 199
 positions, so 0.995 leaves 7x that distance from 1 for other CPUs' bf16 kernels; an AMX Xeon
 serving with vLLM's default int8-activation W4A8 path measured 0.9874 (issue 14; the server
-now turns that path off, server/cpu_kernels.py)."""
+now turns that path off, artefacts/cpu_kernels.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server import gptq_format, quantize
+from artefacts import gptq_format
+from server import quantize
 
 
 def seeded_weight(out_features=96, in_features=128, seed=0) -> torch.Tensor:

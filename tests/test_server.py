@@ -36,7 +36,7 @@ def hf_model(server):
     """HF transformers on the served 4-bit weights, dequantized (the reference for greedy output)."""
     from transformers import AutoModelForCausalLM
 
-    from server import checkpoint
+    from artefacts import checkpoint
 
     dense_dir = checkpoint.ensure_dense_copy(server.running.engine.config.model_dir)
     model = AutoModelForCausalLM.from_pretrained(dense_dir, torch_dtype="float32")

