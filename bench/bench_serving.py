@@ -251,10 +251,10 @@ def main() -> int:
                       f"{row.computed_prompt_per_generated:12.2f} {row.continued_fraction:11.2f}", flush=True)
         report = {
             "invocation": shlex.join(["python", *sys.argv]),
-            "model": {"path": info.model.path, "quantization": info.model.quantization, "dtype": info.model.dtype,
-                      "device": info.model.device},
-            "datastore": {"path": info.datastore.path, "entries": info.datastore.entry_count,
-                          "index": info.datastore.index_factory},
+            "model": {"name": info.model.name, "fingerprint": info.model.fingerprint,
+                      "quantization": info.model.quantization, "dtype": info.model.dtype, "device": info.model.device},
+            "datastore": {"name": info.datastore.name, "digest": info.datastore.manifest_digest,
+                          "entries": info.datastore.entry_count, "index": info.datastore.index_factory},
             "default_layout": validation.LAYOUT_FROM_PB.get(info.retrieval_defaults.layout, "prepend"),
             "scenarios": {name: SCENARIOS[name] for name in args.scenarios},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -26,7 +26,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         swap = await self.datastores.reload(Path(request.path) if request.path else None)
         return admin_pb2.ReloadDatastoreResponse(
-            datastore=pb_convert.datastore_info_to_pb(swap.current),
-            previous=pb_convert.datastore_info_to_pb(swap.previous),
+            datastore=pb_convert.datastore_info_to_pb(swap.current, with_path=True),
+            previous=pb_convert.datastore_info_to_pb(swap.previous, with_path=True),
             load_ms=swap.load_s * 1000.0,
         )

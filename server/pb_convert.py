@@ -58,15 +58,16 @@ def stop_reason_to_pb(reason: str | None) -> int:
     return pb.StopReason.Value(f"STOP_REASON_{reason}") if reason else pb.STOP_REASON_UNSPECIFIED
 
 
-def datastore_info_to_pb(version) -> pb.DatastoreInfo:
-    """A server.hot_swap.DatastoreVersion (the chunk datastore serving), or `loaded=False` for None."""
+def datastore_info_to_pb(version, with_path: bool = False) -> pb.DatastoreInfo:
+    """A server.hot_swap.DatastoreVersion (the chunk datastore serving), or `loaded=False` for None.
+    `with_path`: name its directory (Admin replies only; Info discloses no filesystem path)."""
     if version is None:
         return pb.DatastoreInfo(loaded=False)
-    return datastore_summary_to_pb(version.retrieval.datastore, manifest_digest=version.digest,
-                                   serving_since=version.serving_since)
+    return datastore_summary_to_pb(version.retrieval.datastore, with_path=with_path,
+                                   manifest_digest=version.digest, serving_since=version.serving_since)
 
 
-def datastore_summary_to_pb(datastore, **extra) -> pb.DatastoreInfo:
+def datastore_summary_to_pb(datastore, with_path: bool = False, **extra) -> pb.DatastoreInfo:
     """The manifest summary of an open datastore: chunk (local or shard fan-out) or token, whose
     manifest has no embedder or chunk length (left empty). `extra`: more DatastoreInfo fields."""
     manifest = datastore.manifest
@@ -75,7 +76,7 @@ def datastore_summary_to_pb(datastore, **extra) -> pb.DatastoreInfo:
     return pb.DatastoreInfo(
         loaded=True,
         name=manifest.get("name", ""),
-        path=str(datastore.path),
+        path=str(datastore.path) if with_path else "",
         shard_addresses=getattr(datastore, "addresses", []),
         mode=manifest.get("mode", "chunk"),
         tokenizer_fingerprint=(manifest.get("tokenizer") or {}).get("fingerprint", ""),

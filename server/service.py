@@ -123,7 +123,6 @@ def _model_info(config: ServerConfig, engine) -> pb.ModelInfo:
     quantization += f"; served as {engine.served_what}"
     return pb.ModelInfo(
         name=model_dir.name,
-        path=str(model_dir),
         fingerprint=fingerprints.model_fingerprint(model_dir),
         tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir),
         quantization=quantization,

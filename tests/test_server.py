@@ -9,9 +9,11 @@ neighbours, the model's tokenizer for Tokenize.
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -73,15 +75,19 @@ def test_info_reports_model_datastore_and_limits(server, client, prepared_model_
     from retriever import fingerprints
 
     info = client.info()
-    assert info.model.path == str(prepared_model_dir)
+    assert info.model.name == prepared_model_dir.name
+    assert info.model.fingerprint == fingerprints.model_fingerprint(prepared_model_dir)
     assert info.model.tokenizer_fingerprint == fingerprints.tokenizer_fingerprint(prepared_model_dir)
     assert info.model.fingerprint.startswith("model-sha256:")
     assert "gptq 4-bit group 32" in info.model.quantization
     assert info.model.max_model_len == 2048
-    assert info.datastore.loaded and info.datastore.path == str(server_datastore)
+    assert info.datastore.loaded and info.datastore.name == json.loads(
+        (server_datastore / "manifest.json").read_text())["name"]
     assert info.datastore.entry_count == server.running.retrieval.datastore.ntotal > 0
     assert info.datastore.index_factory == "Flat"
     assert info.limits.max_queue == 4 and info.limits.max_prompt_tokens == 1024
+    # Info is open to every client: no filesystem path anywhere in it (Admin replies name them).
+    assert str(Path.home()) not in str(info) and "/tmp" not in str(info) and str(prepared_model_dir) not in str(info)
     assert pb.RETRIEVAL_MODE_CHUNK in info.retrieval_defaults.available_modes
     assert info.retrieval_defaults.mode == pb.RETRIEVAL_MODE_CHUNK
 
