@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from server import context
-from server.config import CHUNK_MODES, KNN_MODES
+from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,10 @@ def open_retrieval(datastore_dir: Path, model_dir: Path):
     return datastore, datastore.search_texts
 
 
+DEFAULT_EVAL_MODES = ("none", "chunk", "token")
+"""Modes `eval run` scores unless --modes names others (hybrid is every chunk x every token setting)."""
+
+
 def settings_grid(args) -> list:
     from server.evaluation import EvalSettings
 
@@ -131,9 +135,9 @@ def settings_grid(args) -> list:
                         args.knn_lambda, args.knn_k, args.knn_temperature, args.knn_skip_above_prob,
                         args.knn_pointer_min)]
         grid += [EvalSettings(mode="token", **knn) for knn in knn_grid]
-        if getattr(args, "hybrid", False):
-            grid += [dataclasses.replace(chunk, mode="hybrid", **knn) for chunk in chunk_grid for knn in knn_grid]
-    return grid
+        grid += [dataclasses.replace(chunk, mode="hybrid", **knn) for chunk in chunk_grid for knn in knn_grid]
+    modes = getattr(args, "modes", None) or DEFAULT_EVAL_MODES
+    return [settings for settings in grid if settings.mode in modes]
 
 
 async def score_grid(engine, documents, grid, datastore_dir: Path | None, args) -> list[dict]:
@@ -552,9 +556,10 @@ def add_eval_commands(groups):
                      help="token mode adaptive retrieval: skip the search above this LM max prob (grid; 1: never)")
     run.add_argument("--knn-pointer-min", type=int, nargs="+", default=[0],
                      help="token mode pointer following minimum (grid; 0: off)")
-    run.add_argument("--hybrid", action="store_true",
-                     help="with --datastore and --token-datastore: also score hybrid mode (chunk retrieval "
-                          "and kNN-LM in the same request) for every chunk setting x every token setting")
+    run.add_argument("--modes", nargs="+", choices=RETRIEVAL_MODES, default=list(DEFAULT_EVAL_MODES),
+                     help="modes to score (default: none chunk token); chunk and hybrid need --datastore, "
+                          "token and hybrid --token-datastore; hybrid scores every chunk setting x every "
+                          "token setting in the same requests")
     run.add_argument("--knn-pointer-pool", type=int, default=DEFAULT_KNN_POINTER_POOL,
                      help="engine setting: a search's nearest entries that seed the pointer set")
     run.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,

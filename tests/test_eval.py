@@ -309,3 +309,16 @@ def test_bench_knn_refuses_a_token_datastore_built_from_the_scored_documents(tmp
     (store / "docs.json").write_text(json.dumps([{"source": str(scored)}]))
     assert bench_knn.main(["--split", str(split), "--token-datastore", str(store)]) == 2
     assert "was built from 1 of the scored documents" in capsys.readouterr().err
+
+
+def test_eval_modes_select_the_grid_and_hybrid_pairs_every_chunk_with_every_token_setting():
+    def grid(*extra):
+        args = build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--datastore", "d", "--token-datastore",
+                                          "t", "--k", "2", "4", "--knn-lambda", "0.1", "0.25", *extra])
+        return [(s.mode, s.neighbours if s.mode != "token" else None,
+                 s.knn_lambda if s.mode != "chunk" else None) for s in eval_cli.settings_grid(args)
+                if s.mode != "none"]
+
+    assert grid() == [("chunk", 2, None), ("chunk", 4, None), ("token", None, 0.1), ("token", None, 0.25)]
+    assert grid("--modes", "none", "hybrid") == [("hybrid", 2, 0.1), ("hybrid", 2, 0.25), ("hybrid", 4, 0.1),
+                                                 ("hybrid", 4, 0.25)]
