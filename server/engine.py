@@ -220,13 +220,14 @@ class Engine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        """Stop the engine processes; idempotent. (vLLM's AsyncLLM.__del__ may still print an
-        ignored TypeError at interpreter exit when other references keep it alive until then:
-        its shutdown calls a module global that is already None. Harmless; vLLM's bug.)"""
+        """Stop the engine processes; idempotent. vLLM's AsyncLLM.__del__ calls shutdown again,
+        which at interpreter exit reaches module globals already set to None and prints an ignored
+        TypeError traceback; once shut down here, the object's own shutdown becomes a no-op."""
         self._died = self.errored
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            llm.shutdown = lambda *args, **kwargs: None
         if self.knn_stats_file:
             Path(self.knn_stats_file).unlink(missing_ok=True)
             Path(f"{self.knn_stats_file}.tmp").unlink(missing_ok=True)
