@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import math
 import os
 import re
@@ -253,7 +254,10 @@ class Evaluator:
 
     async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
                                knn: KnnRequestSettings | None = None) -> float:
-        """Log-probs of the last `scored` prompt tokens."""
+        """Log-probs of the last `scored` prompt tokens (the kNN mixture, if any, only where they
+        are predicted: from the row before the first of them)."""
+        if knn is not None:
+            knn = dataclasses.replace(knn, mix_from_position=len(prompt_ids) - scored - 1)
         sampling = SegmentSampling(max_tokens=1, prompt_logprobs=True, knn=knn)
         values = None
         async for delta in self.engine.generate_segment(prompt_ids, sampling, request_id):

@@ -284,11 +284,16 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         if requests is None:
             return logits
         request_of_row, tokens, prompt_rows = requests
+        positions = (step.positions.cpu().numpy()[tokens] if prompt_rows and step.positions is not None
+                     else None)
         active = []
         for row, request in enumerate(request_of_row):
             slot = step.slots[request] if request >= 0 else None
-            if slot is not None and (not prompt_rows or slot.prompt_logprobs):
-                active.append(row)
+            if slot is None or (prompt_rows and not slot.prompt_logprobs):
+                continue
+            if positions is not None and positions[row] < slot.settings.mix_from_position:
+                continue
+            active.append(row)
         if not active:
             return logits
         return self._mix(logits, hidden_states, np.asarray(active), request_of_row, tokens, step)

@@ -53,6 +53,11 @@ class KnnRequestSettings:
     """Pointer following (RetoMaton): reuse the previous step's neighbours that predicted the
     observed token, advanced to their corpus successors, when at least this many remain (no
     search); 0 always searches."""
+    mix_from_position: int = 0
+    """Prompt rows at positions before this keep the model's own distribution and are not
+    searched: evaluation scores only the span at the end of a context, and a hybrid context's
+    neighbours and earlier text would otherwise cost a search per token (not reachable from the
+    API; generation samples only after its prompt, so it leaves this 0)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0 or self.k < 1 or not self.temperature > 0:
