@@ -17,7 +17,6 @@ import asyncio
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
 from server import validation  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
+from server.eval_cli import invocation  # noqa: E402
 
 SCENARIOS = {
     "none": dict(mode="none"),
@@ -250,7 +250,7 @@ def main() -> int:
                       f"{row.retrieval_ms_per_request:8.1f} {row.prefix_cache_hit_rate:10.3f} "
                       f"{row.computed_prompt_per_generated:12.2f} {row.continued_fraction:11.2f}", flush=True)
         report = {
-            "invocation": shlex.join(["python", *sys.argv]),
+            "invocation": invocation(),
             "model": {"name": info.model.name, "fingerprint": info.model.fingerprint,
                       "quantization": info.model.quantization, "dtype": info.model.dtype, "device": info.model.device},
             "datastore": {"name": info.datastore.name, "digest": info.datastore.manifest_digest,

@@ -29,7 +29,7 @@ from datastore_tools.errors import DatastoreToolError
 from datastore_tools.manifest import make_manifest, write_manifest
 from retriever import fingerprints
 from retriever.encoder import BUILD_BACKEND, DEFAULT_BATCH_SIZE, QueryEncoder
-from retriever.format import EMBEDDINGS_FILE, INDEX_FILE
+from retriever.format import EMBEDDINGS_FILE, INDEX_FILE, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -244,16 +244,20 @@ def _write_stage(stage, config, documents, chunks, vectors, index, index_info, t
     return write_manifest(stage, manifest)
 
 
+def default_datastore_missing(datastore_dir: Path) -> bool:
+    """`datastore_dir` is the default datastore's path and holds no datastore yet."""
+    from artefacts import paths
+
+    datastore_dir = Path(datastore_dir)
+    return (not (datastore_dir / MANIFEST).is_file()
+            and datastore_dir.resolve() == paths.default_datastore_dir().resolve())
+
+
 def ensure_default_datastore(datastore_dir: Path, model_dir: Path) -> None:
     """Build the default datastore (the Python reference from pydoc_data) at `datastore_dir` when
     that is the default path and holds none yet, so a fresh machine serves with retrieval after
     one command; any other path is left to the server, which names a missing one."""
-    from artefacts import paths
-
-    datastore_dir = Path(datastore_dir)
-    if (datastore_dir / "manifest.json").is_file():
-        return
-    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
+    if not default_datastore_missing(datastore_dir):
         return
     log.info("default datastore missing: building it from pydoc_data.topics into %s", datastore_dir)
     build_datastore(BuildConfig(output=datastore_dir, model_dir=Path(model_dir), default_corpus=True,

@@ -146,13 +146,13 @@ def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
     original size was opened as if sound (opening checks sizes only) and reached FAISS and LMDB."""
     if not with_datastore:
         return
+    from datastore_tools.build import default_datastore_missing
     from datastore_tools.verify import verify_datastore
     from retriever.datastore import DatastoreError
-    from artefacts import paths
     from server.hot_swap import PROBLEMS_SHOWN
 
     path = Path(config.retrieval.datastore_dir)
-    if not (path / "manifest.json").is_file() and path.resolve() == paths.default_datastore_dir().resolve():
+    if default_datastore_missing(path):
         return  # built on first use (datastore_tools.build.ensure_default_datastore)
     problems = verify_datastore(path)
     if problems:

@@ -66,8 +66,10 @@ def read_split(path: Path) -> dict:
 
 
 def invocation() -> str:
-    """The command line that made a results file, as a reader would type it again."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command line that made a results file, as a reader would type it again: a console
+    script by its name (`retroserve eval run ...`), a script by its path (`python bench/x.py ...`)."""
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [Path(sys.argv[0]).name]
+    return shlex.join([*program, *sys.argv[1:]])
 
 
 def heldout_documents(files: list[str], max_docs: int | None, windows: int = 1, window_chars: int = 4096):
@@ -186,7 +188,7 @@ async def score_model_alone(model_dir: Path, documents, args) -> list[dict]:
     from server.evaluation import EvalSettings
 
     return await with_engine(model_dir, args, None,
-                              lambda engine: score_grid(engine, documents, [EvalSettings(mode="none")], None, args))
+                             lambda engine: score_grid(engine, documents, [EvalSettings(mode="none")], None, args))
 
 
 async def with_engine(model_dir: Path, args, engine, work, token_datastore: Path | None = None):
@@ -386,8 +388,8 @@ async def run_async(args, engine=None) -> dict:
     model_dir = Path(engine.config.model_dir) if engine is not None else model_dir_from_args(args)
     datastore_dir = Path(args.datastore) if args.datastore else None
     rows = await with_engine(model_dir, args, engine,
-                              lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args),
-                              token_datastore=args.token_datastore)
+                             lambda e: score_grid(e, documents, settings_grid(args), datastore_dir, args),
+                             token_datastore=args.token_datastore)
     for reference in args.reference_model:
         rows += await score_model_alone(Path(reference), documents, args)
     payload = {"command": "run", "invocation": invocation(), "documents": [d.source for d in documents], "rows": rows,
@@ -494,7 +496,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another prepared model scored alone (e.g. Gemma-3 270M); repeatable")
     parser.add_argument("--max-docs", type=int, default=None, help="score at most this many held-out documents")
     parser.add_argument("--max-doc-chars", type=int, default=4096,
-                        help="score the first N characters of each document (the same text for every model)")
+                        help="score the first N characters of each document, or of each window with "
+                             "--windows (the same text for every model)")
     parser.add_argument("--windows", type=int, default=1,
                         help="score up to N windows of --max-doc-chars characters spread evenly over each "
                              "document, not only its opening (intervals resample documents, not windows)")

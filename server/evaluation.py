@@ -153,8 +153,8 @@ class DocumentScore:
         return self.nll_nats / LN2 / self.bytes
 
     def to_dict(self) -> dict:
-        row = asdict(self)
-        del row["token_logprobs"], row["prose_tokens"]
+        """Its fields (all scalars) but the per-token lists, and bits per byte."""
+        row = {name: value for name, value in vars(self).items() if name not in ("token_logprobs", "prose_tokens")}
         return row | {"bits_per_byte": self.bits_per_byte}
 
 
@@ -253,7 +253,7 @@ class Evaluator:
         return text, encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
 
     async def _prompt_logprobs(self, prompt_ids: list[int], scored: int, request_id: str,
-                               knn: KnnRequestSettings | None = None) -> float:
+                               knn: KnnRequestSettings | None = None) -> list[float]:
         """Log-probs of the last `scored` prompt tokens (the kNN mixture, if any, only where they
         are predicted: from the row before the first of them)."""
         if knn is not None:
@@ -398,8 +398,8 @@ def paired_bootstrap(base: Sequence[dict], other: Sequence[dict], samples: int =
 
     if [(d["source"], d.get("offset", 0)) for d in base] != [(d["source"], d.get("offset", 0)) for d in other]:
         raise ValueError("paired_bootstrap needs the same documents in the same order")
-    sources = list(dict.fromkeys(d["source"] for d in base))
-    group = np.array([sources.index(d["source"]) for d in base], dtype=np.int64)
+    sources = {source: number for number, source in enumerate(dict.fromkeys(d["source"] for d in base))}
+    group = np.array([sources[d["source"]] for d in base], dtype=np.int64)
 
     def per_source(key: str, rows: Sequence[dict]):
         return np.bincount(group, weights=[d[key] for d in rows], minlength=len(sources)).astype(np.float64)

@@ -284,16 +284,17 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         if requests is None:
             return logits
         request_of_row, tokens, prompt_rows = requests
-        positions = (step.positions.cpu().numpy()[tokens] if prompt_rows and step.positions is not None
-                     else None)
         active = []
         for row, request in enumerate(request_of_row):
             slot = step.slots[request] if request >= 0 else None
-            if slot is None or (prompt_rows and not slot.prompt_logprobs):
-                continue
-            if positions is not None and positions[row] < slot.settings.mix_from_position:
-                continue
-            active.append(row)
+            if slot is not None and (not prompt_rows or slot.prompt_logprobs):
+                active.append(row)
+        if prompt_rows and active and step.positions is not None:
+            # Prompt rows before a request's mix_from_position keep the model's own distribution.
+            start = np.array([step.slots[request_of_row[row]].settings.mix_from_position for row in active])
+            if start.any():
+                positions = step.positions.cpu().numpy()[tokens[np.asarray(active)]]
+                active = [row for row, position, first in zip(active, positions, start) if position >= first]
         if not active:
             return logits
         return self._mix(logits, hidden_states, np.asarray(active), request_of_row, tokens, step)
