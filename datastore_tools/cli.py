@@ -20,6 +20,7 @@ COMMANDS = {
     "search": "query a datastore with text",
     "prune": "write a copy without duplicate / never-retrieved chunks (token mode: greedy-merged entries)",
     "reduce": "write a copy re-encoded to fewer dimensions with PCA",
+    "bm25": "add a BM25 index to a chunk datastore, in place (retrievers bm25 and fusion)",
     "shard": "split into N shards that share one trained index (for `retroserve retriever serve`)",
 }
 
@@ -75,6 +76,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=1024, help="chunks per resumable checkpoint")
     parser.add_argument("--no-embeddings", dest="keep_embeddings", action="store_false",
                         help="do not store raw fp16 embeddings (prune/reduce will re-embed)")
+    parser.add_argument("--no-bm25", dest="bm25", action="store_false",
+                        help="do not index the chunk texts with BM25 (then only the dense retriever serves it)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--force", action="store_true", help="replace an existing datastore")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -108,7 +111,7 @@ def run_build(args: argparse.Namespace) -> int:
         nprobe=args.nprobe, ef_search=args.ef_search, seed=args.seed, jsonl_field=args.jsonl_field,
         on_undecodable=args.on_undecodable, embedder_backend=args.embedder_backend,
         batch_size=args.batch_size, shard_size=args.shard_size, keep_embeddings=args.keep_embeddings,
-        force=args.force, name=args.name, progress=args.progress,
+        bm25=args.bm25, force=args.force, name=args.name, progress=args.progress,
     )
     result = build_datastore(config)
     manifest = result.manifest
@@ -230,6 +233,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("datastore", type=Path)
     parser.add_argument("query", nargs="+", help="query text (several queries are searched as one batch)")
     parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--retriever", choices=("dense", "bm25", "fusion"), default="dense",
+                        help="dense: MiniLM + FAISS; bm25: the datastore's BM25 index; fusion: both, by rank")
     parser.add_argument("--nprobe", type=int, default=None)
     parser.add_argument("--ef-search", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -241,7 +246,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     from retriever.datastore import Datastore
 
-    with Datastore.open(args.datastore, device="cpu") as datastore:
+    with Datastore.open(args.datastore, device="cpu", method=args.retriever) as datastore:
         datastore.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
         results = datastore.search_texts(args.query, args.k)
     if args.json:
@@ -260,6 +265,24 @@ def run_search(args: argparse.Namespace) -> int:
     timing = results.timing
     print(f"(embed {timing.embed * 1e3:.1f} ms, search {timing.search * 1e3:.2f} ms, "
           f"payload {timing.payload * 1e3:.2f} ms)")
+    return 0
+
+
+# ---- bm25 --------------------------------------------------------------------------------------
+
+def add_bm25_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path, help="a published chunk datastore")
+    parser.add_argument("--force", action="store_true", help="rebuild an existing BM25 index")
+
+
+@handles_errors
+def run_bm25(args: argparse.Namespace) -> int:
+    from datastore_tools.sparse_build import add_bm25
+
+    manifest = add_bm25(args.datastore, force=args.force)
+    info = manifest["sparse"]["bm25"]
+    print(f"bm25: {args.datastore}/bm25  ({info['chunks']} chunks, vocabulary {info['vocabulary']}, "
+          f"{info['seconds']:.1f} s); serve it with `retroserve serve --retriever bm25` or `fusion`")
     return 0
 
 

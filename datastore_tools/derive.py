@@ -14,7 +14,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from datastore_tools import index_factory, payloads, publish
+from datastore_tools import index_factory, payloads, publish, sparse_build
 from datastore_tools.errors import DatastoreToolError
 from datastore_tools.manifest import make_manifest, write_manifest
 from datastore_tools.raw_embeddings import refuse_shard
@@ -73,6 +73,10 @@ def write_derived(
         if keep_embeddings:
             np.save(stage / fmt.EMBEDDINGS_FILE, np.asarray(vectors, dtype=np.float16))
         src = source.manifest
+        extra = {}
+        if src.get("sparse"):
+            extra["sparse"] = sparse_build.write_sparse_index(
+                stage / fmt.SPARSE_DIR, [record["text"] for record in chunk_records], range(len(chunk_records)))
         manifest = make_manifest(
             name=Path(output).name,
             tokenizer=src["tokenizer"],
@@ -82,7 +86,7 @@ def write_derived(
             index_info=index_info,
             counts={"documents": len(doc_records), "chunks": len(chunk_records)},
             build={"operation": operation, "seconds": seconds},
-            extra={"derived_from": {
+            extra={**extra, "derived_from": {
                 "path": str(source.path),
                 "name": src.get("name"),
                 "index_sha256": (src.get("files") or {}).get(fmt.INDEX_FILE, {}).get("sha256"),

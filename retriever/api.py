@@ -66,6 +66,10 @@ def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetri
     model_dir = Path(config.engine.model_dir)
     expected = fingerprints.tokenizer_fingerprint(model_dir)
     shards = config.shards
+    if shards.addresses and config.retrieval.retriever != "dense":
+        raise DatastoreError(
+            f"retriever {config.retrieval.retriever!r} is not served over datastore shards (shards search "
+            "their FAISS index only); serve the whole datastore, or use --retriever dense")
     if not shards.addresses:
         path = Path(config.retrieval.datastore_dir)
         if not (path / "manifest.json").is_file():
@@ -92,7 +96,7 @@ def open_datastore_for_serving(path: Path, config, metrics=None, device: str = "
     model_dir = Path(config.engine.model_dir)
     datastore = Datastore.open(
         path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device,
-        encoder=encoder,
+        encoder=encoder, method=config.retrieval.retriever,
     )
     return _behind_cache_and_batcher(datastore, config, metrics)
 

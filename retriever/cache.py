@@ -115,7 +115,16 @@ class CachedSearcher:
         timing = Timing(queries=len(texts))
         results: list[list[Neighbour] | None] = [self.cache.get(key, k) for key in keys]
         missing = [i for i, row in enumerate(results) if row is None]
-        if missing:
+        if missing and getattr(self.datastore, "method", "dense") == "bm25":
+            # BM25 ranks by words, so a near-duplicate embedding is no evidence of the same answer:
+            # exact keys only, and no query embedding at all.
+            self.cache.count_misses(len(missing))
+            found = self.datastore.search_queries([texts[i] for i in missing], None, k)
+            timing.search, timing.payload = found.timing.search, found.timing.payload
+            for i, neighbours in zip(missing, found):
+                results[i] = neighbours
+                self.cache.put(keys[i], k, neighbours)
+        elif missing:
             encoder = self.datastore.encoder
             started = time.perf_counter()
             vectors = encoder.encode([texts[i] for i in missing])
@@ -130,7 +139,8 @@ class CachedSearcher:
                     to_search.append(row)
             if to_search:
                 self.cache.count_misses(len(to_search))
-                found = self.datastore.search_embeddings(vectors[to_search], k)
+                found = self.datastore.search_queries([texts[missing[row]] for row in to_search],
+                                                      vectors[to_search], k)
                 timing.search, timing.payload = found.timing.search, found.timing.payload
                 for row, neighbours in zip(to_search, found):
                     i = missing[row]

@@ -20,7 +20,7 @@ import faiss
 import lmdb
 import numpy as np
 
-from retriever import device_search
+from retriever import device_search, sparse
 from retriever import format as fmt
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,14 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
     space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, value)
+
+
+def require_sparse(path: Path, manifest: dict, method: str) -> None:
+    """DatastoreError naming the fix unless the datastore has the BM25 index `method` needs."""
+    if not manifest.get("sparse"):
+        raise DatastoreError(
+            f"datastore {path} has no BM25 index, which retriever {method!r} needs; add one with "
+            f"`retroserve datastore bm25 {path}` (seconds), or use retriever 'dense'")
 
 
 def read_manifest(path: Path) -> dict:
@@ -293,8 +301,12 @@ class Datastore:
     """A published datastore opened for reading. Thread-safe for concurrent searches."""
 
     def __init__(self, path: Path, manifest: dict, index: faiss.Index, payloads: PayloadReader,
-                 memory_mapped: bool, on_gpu: bool, encoder=None):
+                 memory_mapped: bool, on_gpu: bool, encoder=None, method: str = "dense"):
         self.path = path
+        self.method = method
+        """How chunks are ranked (retriever.sparse.METHODS): "dense", "bm25" or "fusion"."""
+        self.sparse = None
+        """The BM25 index (retriever.sparse.SparseIndex) when the method needs it."""
         self.manifest = manifest
         self.index = index
         self.payloads = payloads
@@ -313,14 +325,20 @@ class Datastore:
         device: str = "auto",
         encoder=None,
         verify_checksums: bool = False,
+        method: str = "dense",
     ) -> "Datastore":
         """Open `path` read-only. device: "auto" (GPU if FAISS and hardware allow), "cpu" or "cuda".
 
         `encoder` (a retriever.encoder.QueryEncoder) is created on first text search when not given.
         File sizes are always checked; sha256 only with `verify_checksums` (it reads every byte).
+        `method`: "dense", or "bm25" / "fusion", which need the datastore's BM25 index.
         """
         path = Path(path)
         manifest = read_manifest(path)
+        if method not in sparse.METHODS:
+            raise DatastoreError(f"unknown retriever {method!r}; choose one of {', '.join(sparse.METHODS)}")
+        if method in sparse.SPARSE_METHODS:
+            require_sparse(path, manifest, method)
         if manifest.get("mode", "chunk") != "chunk":
             raise DatastoreError(
                 f"{path} is a {manifest.get('mode')}-mode datastore; chunk retrieval needs a chunk datastore "
@@ -360,9 +378,27 @@ class Datastore:
         log.info("opened datastore %s: %d chunks, %s%s%s", path, index.ntotal,
                  (manifest.get("index") or {}).get("factory"), " (mmap)" if memory_mapped else "",
                  " (exact search on CUDA, torch)" if searcher is not index else "")
-        datastore = cls(path, manifest, index, payloads, memory_mapped, on_gpu, encoder)
+        datastore = cls(path, manifest, index, payloads, memory_mapped, on_gpu, encoder, method)
         datastore.searcher = searcher
+        if method in sparse.SPARSE_METHODS:
+            try:
+                datastore.sparse_index(method)
+            except DatastoreError:
+                datastore.close()
+                raise
         return datastore
+
+    def sparse_index(self, method: str) -> "sparse.SparseIndex":
+        """The BM25 index, opened on first use; DatastoreError naming the fix when there is none."""
+        with self._encoder_lock:
+            if self.sparse is None:
+                require_sparse(self.path, self.manifest, method)
+                try:
+                    self.sparse = sparse.SparseIndex.open(sparse.sparse_dir(self.path))
+                except (OSError, ValueError, KeyError) as error:
+                    raise DatastoreError(f"the BM25 index of {self.path} is unreadable ({error}); re-add it "
+                                         f"with `retroserve datastore bm25 --force {self.path}`") from error
+            return self.sparse
 
     # -- properties -------------------------------------------------------------------------
 
@@ -408,14 +444,47 @@ class Datastore:
         timing.payload = time.perf_counter() - started
         return BatchResults(results, timing)
 
-    def search_texts(self, texts: Sequence[str], k: int) -> BatchResults:
-        """Embed `texts` (one encoder call) and search them (one FAISS call)."""
+    def search_texts(self, texts: Sequence[str], k: int, method: str | None = None) -> BatchResults:
+        """Neighbours of each text by `method` (default: the datastore's; dense: one encoder call
+        and one FAISS call)."""
+        method = method or self.method
         timing = Timing()
-        encoder = self.encoder  # loaded on first use; not counted as embedding time
+        embeddings = None
+        if method != "bm25":
+            encoder = self.encoder  # loaded on first use; not counted as embedding time
+            started = time.perf_counter()
+            embeddings = encoder.encode(list(texts))
+            timing.embed = time.perf_counter() - started
+        return self.search_queries(texts, embeddings, k, timing, method)
+
+    def search_queries(self, texts: Sequence[str], embeddings: np.ndarray | None, k: int,
+                       timing: Timing | None = None, method: str | None = None) -> BatchResults:
+        """Neighbours of queries given as texts and (for dense and fusion) their embeddings."""
+        method = method or self.method
+        if method == "dense":
+            return self.search_embeddings(embeddings, k, timing)
+        if method not in sparse.SPARSE_METHODS:
+            raise ValueError(f"unknown retriever {method!r}; choose one of {', '.join(sparse.METHODS)}")
+        index = self.sparse_index(method)
+        timing = timing or Timing()
+        if k < 1:
+            raise ValueError(f"{k=} must be >= 1")
+        texts = list(texts)
+        timing.queries = len(texts)
+        if not texts:
+            return BatchResults([], timing)
         started = time.perf_counter()
-        embeddings = encoder.encode(list(texts))
-        timing.embed = time.perf_counter() - started
-        return self.search_embeddings(embeddings, k, timing)
+        depth = max(k, sparse.FUSION_DEPTH) if method == "fusion" else k
+        ids, scores = index.search(texts, depth)
+        if method == "fusion":
+            embeddings = query_batch(embeddings, self.dim, k)
+            _, dense_ids = self.searcher.search(embeddings, min(depth, self.ntotal))
+            ids, scores = sparse.reciprocal_rank_fusion([dense_ids, ids], k)
+        timing.search = time.perf_counter() - started
+        started = time.perf_counter()
+        results = self.fetch(ids, scores)
+        timing.payload = time.perf_counter() - started
+        return BatchResults(results, timing)
 
     def fetch(self, ids: np.ndarray, scores: np.ndarray) -> list[list[Neighbour]]:
         """Payloads for FAISS result rows (ids of -1, i.e. fewer than k hits, are dropped)."""

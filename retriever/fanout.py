@@ -164,6 +164,14 @@ class FanoutSearcher:
         timing.embed = time.perf_counter() - started
         return self.search_embeddings(vectors, k, timing)
 
+    method = "dense"
+    """Shards search their FAISS index only (BM25 over shards is not supported)."""
+
+    def search_queries(self, texts: Sequence[str], embeddings: np.ndarray, k: int,
+                       timing: Timing | None = None) -> BatchResults:
+        """Datastore.search_queries for dense retrieval: the texts are not needed."""
+        return self.search_embeddings(embeddings, k, timing)
+
     def search_embeddings(self, embeddings: np.ndarray, k: int, timing: Timing | None = None) -> BatchResults:
         """Neighbours of each row, merged over the shards that answered in time.
 

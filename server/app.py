@@ -148,7 +148,8 @@ def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
         return
     from datastore_tools.build import default_datastore_missing
     from datastore_tools.verify import verify_datastore
-    from retriever.datastore import DatastoreError
+    from retriever.datastore import DatastoreError, read_manifest, require_sparse
+    from retriever.sparse import SPARSE_METHODS
     from server.hot_swap import PROBLEMS_SHOWN
 
     path = Path(config.retrieval.datastore_dir)
@@ -162,6 +163,8 @@ def check_datastore(config: ServerConfig, with_datastore: bool) -> None:
             f"`retroserve datastore verify {path}` for all problems and rebuild it with `retroserve datastore "
             f"build ... -o {path} --force`"
         )
+    if config.retrieval.retriever in SPARSE_METHODS:
+        require_sparse(path, read_manifest(path), config.retrieval.retriever)
 
 
 def start_engine(config: ServerConfig):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artefacts import paths
+from retriever.sparse import METHODS as RETRIEVERS
 from server import context
 
 from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
@@ -108,6 +109,9 @@ class RetrievalDefaults:
     """How long the cross-request batcher waits to coalesce retrievals."""
     cache_size: int = 4096
     """Exact query-cache entries (0 disables)."""
+    retriever: str = "dense"
+    """How chunk retrieval ranks chunks: "dense" (MiniLM embeddings, FAISS), "bm25" (words, the
+    datastore's BM25 index) or "fusion" (reciprocal rank fusion of both); see retriever/sparse.py."""
     mode: str = "chunk"
     """Retrieval mode for requests that leave it unspecified: one of RETRIEVAL_MODES. A server
     without a datastore of that mode falls back to "none" for such requests."""
@@ -146,6 +150,8 @@ class RetrievalDefaults:
             raise ValueError(f"{self.shard_policy=} must be one of {SHARD_POLICIES}")
         if self.mode not in RETRIEVAL_MODES:
             raise ValueError(f"{self.mode=} must be one of {RETRIEVAL_MODES}")
+        if self.retriever not in RETRIEVERS:
+            raise ValueError(f"{self.retriever=} must be one of {RETRIEVERS}")
         if self.layout not in CONTEXT_LAYOUTS:
             raise ValueError(f"{self.layout=} must be one of {CONTEXT_LAYOUTS}")
         if not 1 <= self.neighbours <= self.max_neighbours:

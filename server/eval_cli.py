@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from server import context
-from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES
+from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES, RETRIEVERS
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -122,13 +122,14 @@ def settings_grid(args) -> list:
     from server.evaluation import EvalSettings
 
     grid = [EvalSettings(mode="none")]
-    for k, stride, query, layout, margin, repeat in itertools.product(
-            args.k, args.stride, args.query_tokens, args.layout, args.keep_rank_margin, args.suffix_repeat_tokens):
+    for retriever, k, stride, query, layout, margin, repeat in itertools.product(
+            getattr(args, "retriever", None) or ["dense"], args.k, args.stride, args.query_tokens, args.layout,
+            args.keep_rank_margin, args.suffix_repeat_tokens):
         if layout != "suffix" and repeat != args.suffix_repeat_tokens[0]:
             continue  # the repeated tail exists only in the suffix layout
-        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, layout=layout,
-                                 keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=margin,
-                                 suffix_repeat_tokens=repeat))
+        grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, retriever=retriever,
+                                 layout=layout, keep_same_neighbours=args.keep_same_neighbours,
+                                 keep_rank_margin=margin, suffix_repeat_tokens=repeat))
     chunk_grid = grid[1:]
     if getattr(args, "token_datastore", None):
         knn_grid = [dict(knn_lambda=lam, knn_k=k, knn_temperature=temperature, knn_skip_above_prob=skip,
@@ -505,6 +506,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
     parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
+    parser.add_argument("--retriever", nargs="+", default=["dense"], choices=RETRIEVERS,
+                        help="how chunks are ranked (grid; the server's --retriever): dense (MiniLM + FAISS), "
+                             "bm25 (the datastore's BM25 index: `retroserve datastore bm25 DIR` adds one) or "
+                             "fusion (reciprocal rank fusion of both)")
     parser.add_argument("--layout", nargs="+", default=[context.DEFAULT_LAYOUT], choices=context.LAYOUTS,
                         help="context layout (grid; server/context.py explains each): neighbours before the "
                              "document so far (prepend, the server's default); the document so far, then the "

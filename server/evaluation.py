@@ -92,6 +92,8 @@ class EvalSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
+    retriever: str = "dense"
+    """How chunks are ranked (retriever.sparse.METHODS): dense, bm25 or fusion."""
     layout: str = context.DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
@@ -126,7 +128,8 @@ class EvalSettings:
                 else "")
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"
-        chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{layout}{keep}"
+        retriever = "" if self.retriever == "dense" else f" {self.retriever}"
+        chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{retriever}{layout}{keep}"
         return chunk if self.mode == "chunk" else f"hybrid: {chunk} + {knn}"
 
 
@@ -224,8 +227,9 @@ class _Span:
     """The k + keep_rank_margin nearest (neighbours are the first k)."""
 
 
-RetrieveFn = Callable[[list[str], int], list[list]]
-"""(query texts, k) -> neighbours per query (retriever.datastore.Neighbour-like, with .source)."""
+RetrieveFn = Callable[[list[str], int, str], list[list]]
+"""(query texts, k, retriever method) -> neighbours per query (retriever.datastore.Neighbour-like,
+with .source); Datastore.search_texts is one."""
 
 
 class Evaluator:
@@ -292,7 +296,7 @@ class Evaluator:
                           skip_special_tokens=True) for s in queried]
         fetched = context.candidate_count(settings.neighbours, settings.keep_same_neighbours,
                                           settings.keep_rank_margin)
-        results = self.retrieve(queries, fetched + self.exclusion_margin)
+        results = self.retrieve(queries, fetched + self.exclusion_margin, settings.retriever)
         for span, found in zip(queried, results):
             source = source_key(documents[span.document].source)
             kept = [n for n in found if source_key(n.source) != source]

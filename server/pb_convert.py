@@ -44,6 +44,7 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         knn_pointer_min=defaults.knn_pointer_min,
         keep_same_neighbours=defaults.keep_same_neighbours,
         keep_rank_margin=defaults.keep_rank_margin,
+        retriever=defaults.retriever,
     )
 
 

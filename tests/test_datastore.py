@@ -37,7 +37,9 @@ def test_build_publishes_complete_datastore(small_datastore, tokenizer_dir):
     manifest = json.loads((small_datastore / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["mode"] == "chunk"
     assert manifest["tokenizer"]["fingerprint"] == fingerprints.tokenizer_fingerprint(tokenizer_dir)
-    assert set(manifest["files"]) == {"index.faiss", "payloads.lmdb/data.mdb", "embeddings.npy"}
+    assert {name.split("/")[0] for name in manifest["files"]} == {"index.faiss", "payloads.lmdb", "embeddings.npy",
+                                                                 "bm25"}
+    assert manifest["sparse"]["bm25"]["chunks"] == manifest["counts"]["chunks"]
     assert manifest["counts"]["documents"] == 9  # 6 files + 3 JSONL lines (the tiny one included)
     assert set(manifest["build"]["seconds"]) >= {"ingest", "tokenize", "embed", "train", "add", "payloads"}
     assert not work_dir_for(small_datastore).exists()

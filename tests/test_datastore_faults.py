@@ -40,6 +40,7 @@ DAMAGE = {
     "payloads-truncated": ("payloads.lmdb/data.mdb", truncate, "payloads.lmdb/data.mdb:"),
     "manifest-truncated": ("manifest.json", truncate, "manifest.json is unreadable"),
     "index-missing": ("index.faiss", lambda path: path.unlink(), "index.faiss: missing"),
+    "bm25-byte-flipped": ("bm25/data.csc.index.npy", flip_byte, "bm25/data.csc.index.npy: sha256 differs"),
 }
 
 
@@ -105,3 +106,26 @@ def test_a_build_killed_while_writing_its_key_resumes(corpus_dir, tokenizer_dir,
     build_datastore(BuildConfig(output=output, model_dir=tokenizer_dir, inputs=[corpus_dir], index="Flat",
                                 shard_size=8, batch_size=8, progress=False), encoder=encoder)
     assert verify_datastore(output) == [] and not work.exists()
+
+
+def test_serve_with_a_bm25_retriever_refuses_a_datastore_without_its_index_before_loading_the_engine(
+        prepared_model_dir, server_datastore, tmp_path, capsys):
+    import json
+
+    from server import cli
+
+    copy = tmp_path / "dense-only"
+    shutil.copytree(server_datastore, copy)
+    shutil.rmtree(copy / "bm25")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["sparse"]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("bm25/")}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    started = time.monotonic()
+    code = cli.main(["serve", "--model-dir", str(prepared_model_dir), "--datastore-dir", str(copy),
+                     "--retriever", "bm25", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"])
+    seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"retroserve datastore bm25 {copy}" in err
+    assert seconds < 30, f"refused only after {seconds:.0f} s: the engine was loaded first"

@@ -68,7 +68,7 @@ def test_bits_per_byte_agrees_with_transformers(server):
 def test_chunk_mode_with_one_span_equals_model_alone(server):
     """The first span has no preceding query: with stride >= the document it is the model alone."""
     retrieve_calls = []
-    evaluator = Evaluator(server.running.engine, lambda q, k: retrieve_calls.append(q) or [[] for _ in q])
+    evaluator = Evaluator(server.running.engine, lambda q, k, method: retrieve_calls.append(q) or [[] for _ in q])
     alone = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="none")))
     one_span = server.call(evaluator.evaluate([EvalDocument("tiny", TEXT)], EvalSettings(mode="chunk", stride=512)))
     assert retrieve_calls == [] and one_span.documents[0].retrievals == 0
@@ -77,7 +77,7 @@ def test_chunk_mode_with_one_span_equals_model_alone(server):
 
 def test_retrieval_queries_are_the_tokens_before_each_span(server):
     seen = []
-    evaluator = Evaluator(server.running.engine, lambda queries, k: seen.extend(queries) or [[] for _ in queries])
+    evaluator = Evaluator(server.running.engine, lambda queries, k, method: seen.extend(queries) or [[] for _ in queries])
     server.call(evaluator.evaluate([EvalDocument("doc", TEXT)], EvalSettings(mode="chunk", stride=4, query_tokens=6)))
     tokenizer = server.running.engine.tokenizer
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
@@ -94,8 +94,8 @@ def test_leakage_guard_drops_neighbours_from_the_scored_document(server, server_
         leaked_source = next(s for s in sources if s.endswith("assert.txt"))
         used = []
 
-        def recording_retrieve(queries, k):
-            rows = retrieve(queries, k)
+        def recording_retrieve(queries, k, method):
+            rows = retrieve(queries, k, method)
             used.append(rows)
             return rows
 
@@ -322,3 +322,13 @@ def test_eval_modes_select_the_grid_and_hybrid_pairs_every_chunk_with_every_toke
     assert grid() == [("chunk", 2, None), ("chunk", 4, None), ("token", None, 0.1), ("token", None, 0.25)]
     assert grid("--modes", "none", "hybrid") == [("hybrid", 2, 0.1), ("hybrid", 2, 0.25), ("hybrid", 4, 0.1),
                                                  ("hybrid", 4, 0.25)]
+
+
+def test_eval_retriever_grid_scores_each_ranking_method_and_names_it():
+    args = build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--datastore", "d", "--k", "2", "4",
+                                      "--retriever", "dense", "fusion"])
+    chunk = [s for s in eval_cli.settings_grid(args) if s.mode == "chunk"]
+    assert [(s.retriever, s.neighbours) for s in chunk] == [("dense", 2), ("dense", 4), ("fusion", 2), ("fusion", 4)]
+    assert "fusion" in chunk[2].label() and "dense" not in chunk[0].label()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--retriever", "tfidf"])

@@ -239,6 +239,36 @@ def test_chunk_retrieval_provenance_matches_exact_search(server, client):
     assert retrieved.timing.total_ms > 0
 
 
+@pytest.mark.parametrize("retriever", ["bm25", "fusion"])
+def test_a_server_with_a_sparse_retriever_places_its_ranking_in_the_context(server, prepared_model_dir,
+                                                                           server_datastore, retriever):
+    """`--retriever bm25|fusion`: provenance equals that ranking of each query (the rankings
+    themselves are checked against the BM25 formula and hand-computed fusion in test_sparse.py)
+    and Info names the retriever."""
+    import dataclasses
+
+    from loopback import second_server
+
+    config = server_config(prepared_model_dir, server_datastore)
+    config.retrieval = dataclasses.replace(config.retrieval, retriever=retriever)
+    running = second_server(server, config)
+    try:
+        with RetroserveClient(running.address, timeout=120) as sparse_client:
+            assert sparse_client.info().retrieval_defaults.retriever == retriever
+            reply = sparse_client.generate(PROMPT, mode="chunk", neighbours=2, stride=8, query_tokens=16,
+                                           max_new_tokens=24, return_provenance=True, keep_rank_margin=0)
+        queries = [r.query_text for r in reply.retrievals]
+        assert len(queries) == 3
+        datastore = server.running.retrieval.datastore
+        expected = datastore.search_texts(queries, 2, method=retriever)
+        for retrieval, row in zip(reply.retrievals, expected):
+            assert [n.chunk_id for n in retrieval.neighbours] == [n.chunk_id for n in row]
+            assert [n.score for n in retrieval.neighbours] == pytest.approx([n.score for n in row], rel=1e-5)
+        assert running.running.retrieval.datastore.method == retriever
+    finally:
+        running.stop(1)
+
+
 def test_a_rank_margin_reports_the_kept_neighbours_among_each_query_candidates(server, client):
     """With keep_rank_margin M a span may keep earlier neighbours: provenance then names those,
     each among the exact k + M nearest of that span's query, with that query's scores."""
