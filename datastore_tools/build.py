@@ -259,11 +259,27 @@ def default_datastore_missing(datastore_dir: Path) -> bool:
             and datastore_dir.resolve() == paths.default_datastore_dir().resolve())
 
 
+def _default_datastore_without_bm25(datastore_dir: Path) -> bool:
+    from artefacts import paths
+
+    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
+        return False
+    try:
+        return not json.loads((datastore_dir / MANIFEST).read_text()).get("sparse")
+    except (OSError, ValueError):
+        return False  # no or a damaged manifest: the server's opening names the problem
+
+
 def ensure_default_datastore(datastore_dir: Path, model_dir: Path) -> None:
     """Build the default datastore (the Python reference from pydoc_data) at `datastore_dir` when
     that is the default path and holds none yet, so a fresh machine serves with retrieval after
-    one command; any other path is left to the server, which names a missing one."""
+    one command; any other path is left to the server, which names a missing one. A default
+    datastore built before BM25 existed gets its BM25 index added (seconds)."""
+    datastore_dir = Path(datastore_dir)
     if not default_datastore_missing(datastore_dir):
+        if _default_datastore_without_bm25(datastore_dir):
+            log.info("default datastore %s has no BM25 index (built before it existed): adding it", datastore_dir)
+            sparse_build.add_bm25(datastore_dir)
         return
     log.info("default datastore missing: building it from pydoc_data.topics into %s", datastore_dir)
     build_datastore(BuildConfig(output=datastore_dir, model_dir=Path(model_dir), default_corpus=True,

@@ -197,6 +197,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"index: {index['factory']}  metric {index['metric']}  search params {index['search_params']}  "
           f"dims {manifest['dims']['embedding']} -> {manifest['dims']['index']}"
           + (f"  (PCA variance kept {pca['variance_kept']:.4f})" if pca else ""))
+    bm25 = (manifest.get("sparse") or {}).get("bm25")
+    print(f"bm25: vocabulary {bm25['vocabulary']}, k1 {bm25['k1']}, b {bm25['b']} (retrievers bm25, fusion)" if bm25
+          else f"bm25: none (dense retrieval only; `retroserve datastore bm25 {args.datastore}` adds it)")
     for name, size in sorted(info["sizes"].items()):
         print(f"  {name:28s} {size:>12,d} B  {info['bytes_per_entry'][name]:10.1f} B/entry")
     print(f"  {'total':28s} {info['total_bytes']:>12,d} B")

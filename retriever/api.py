@@ -66,7 +66,7 @@ def open_for_serving(config, metrics=None, device: str = "auto") -> ServingRetri
     model_dir = Path(config.engine.model_dir)
     expected = fingerprints.tokenizer_fingerprint(model_dir)
     shards = config.shards
-    if shards.addresses and config.retrieval.retriever != "dense":
+    if shards.addresses and config.retrieval.retriever not in ("auto", "dense"):
         raise DatastoreError(
             f"retriever {config.retrieval.retriever!r} is not served over datastore shards (shards search "
             "their FAISS index only); serve the whole datastore, or use --retriever dense")
@@ -98,6 +98,9 @@ def open_datastore_for_serving(path: Path, config, metrics=None, device: str = "
         path, expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir), device=device,
         encoder=encoder, method=config.retrieval.retriever,
     )
+    if datastore.method == "dense" and config.retrieval.retriever == "auto":
+        log.warning("datastore %s has no BM25 index, so chunk retrieval ranks by MiniLM embeddings; "
+                    "`retroserve datastore bm25 %s` adds one (BM25 gave lower bits per byte: README)", path, path)
     return _behind_cache_and_batcher(datastore, config, metrics)
 
 

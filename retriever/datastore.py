@@ -331,12 +331,14 @@ class Datastore:
 
         `encoder` (a retriever.encoder.QueryEncoder) is created on first text search when not given.
         File sizes are always checked; sha256 only with `verify_checksums` (it reads every byte).
-        `method`: "dense", or "bm25" / "fusion", which need the datastore's BM25 index.
+        `method`: "dense", "bm25" / "fusion" (which need the datastore's BM25 index), or "auto"
+        (sparse.resolve: BM25 where the datastore has its index, else dense).
         """
         path = Path(path)
         manifest = read_manifest(path)
-        if method not in sparse.METHODS:
-            raise DatastoreError(f"unknown retriever {method!r}; choose one of {', '.join(sparse.METHODS)}")
+        if method not in sparse.CHOICES:
+            raise DatastoreError(f"unknown retriever {method!r}; choose one of {', '.join(sparse.CHOICES)}")
+        method = sparse.resolve(method, bool(manifest.get("sparse")))
         if method in sparse.SPARSE_METHODS:
             require_sparse(path, manifest, method)
         if manifest.get("mode", "chunk") != "chunk":
@@ -447,7 +449,7 @@ class Datastore:
     def search_texts(self, texts: Sequence[str], k: int, method: str | None = None) -> BatchResults:
         """Neighbours of each text by `method` (default: the datastore's; dense: one encoder call
         and one FAISS call)."""
-        method = method or self.method
+        method = sparse.resolve(method, bool(self.manifest.get("sparse"))) if method else self.method
         timing = Timing()
         embeddings = None
         if method != "bm25":
@@ -460,7 +462,7 @@ class Datastore:
     def search_queries(self, texts: Sequence[str], embeddings: np.ndarray | None, k: int,
                        timing: Timing | None = None, method: str | None = None) -> BatchResults:
         """Neighbours of queries given as texts and (for dense and fusion) their embeddings."""
-        method = method or self.method
+        method = sparse.resolve(method, bool(self.manifest.get("sparse"))) if method else self.method
         if method == "dense":
             return self.search_embeddings(embeddings, k, timing)
         if method not in sparse.SPARSE_METHODS:

@@ -23,6 +23,19 @@ from retriever import format as fmt
 METHODS = ("dense", "bm25", "fusion")
 """How a chunk datastore ranks chunks for a query: MiniLM + FAISS, BM25, or both fused by RRF."""
 SPARSE_METHODS = ("bm25", "fusion")
+CHOICES = ("auto", *METHODS)
+"""What an operator may ask for; "auto" resolves per datastore (`resolve`)."""
+AUTO_SPARSE = "bm25"
+"""What "auto" serves from a datastore with a BM25 index: the method that measured best on the
+dev half of the Python-docs split (README, "Better neighbours")."""
+
+
+def resolve(method: str, has_sparse_index: bool) -> str:
+    """The method a datastore is searched with: `method`, or for "auto" AUTO_SPARSE when the
+    datastore has a BM25 index and dense when it has none."""
+    if method != "auto":
+        return method
+    return AUTO_SPARSE if has_sparse_index else "dense"
 RRF_K = 60
 """Reciprocal rank fusion's constant (Cormack et al. use 60; it damps the top ranks' weight)."""
 FUSION_DEPTH = 32

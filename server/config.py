@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artefacts import paths
-from retriever.sparse import METHODS as RETRIEVERS
+from retriever.sparse import CHOICES as RETRIEVERS
 from server import context
 
 from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
@@ -109,9 +109,10 @@ class RetrievalDefaults:
     """How long the cross-request batcher waits to coalesce retrievals."""
     cache_size: int = 4096
     """Exact query-cache entries (0 disables)."""
-    retriever: str = "dense"
+    retriever: str = "auto"
     """How chunk retrieval ranks chunks: "dense" (MiniLM embeddings, FAISS), "bm25" (words, the
-    datastore's BM25 index) or "fusion" (reciprocal rank fusion of both); see retriever/sparse.py."""
+    datastore's BM25 index), "fusion" (reciprocal rank fusion of both), or "auto": BM25 where the
+    datastore has its index, else dense (retriever/sparse.py; README, "Better neighbours")."""
     mode: str = "chunk"
     """Retrieval mode for requests that leave it unspecified: one of RETRIEVAL_MODES. A server
     without a datastore of that mode falls back to "none" for such requests."""

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from server import context
-from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES, RETRIEVERS
+from retriever.sparse import AUTO_SPARSE, METHODS as RETRIEVERS
+from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES
 from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def settings_grid(args) -> list:
 
     grid = [EvalSettings(mode="none")]
     for retriever, k, stride, query, layout, margin, repeat in itertools.product(
-            getattr(args, "retriever", None) or ["dense"], args.k, args.stride, args.query_tokens, args.layout,
+            getattr(args, "retriever", None) or [AUTO_SPARSE], args.k, args.stride, args.query_tokens, args.layout,
             args.keep_rank_margin, args.suffix_repeat_tokens):
         if layout != "suffix" and repeat != args.suffix_repeat_tokens[0]:
             continue  # the repeated tail exists only in the suffix layout
@@ -506,10 +507,11 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="neighbours per retrieval (grid)")
     parser.add_argument("--stride", type=int, nargs="+", default=[16], help="tokens between retrievals (grid)")
     parser.add_argument("--query-tokens", type=int, nargs="+", default=[32], help="query length (grid)")
-    parser.add_argument("--retriever", nargs="+", default=["dense"], choices=RETRIEVERS,
+    parser.add_argument("--retriever", nargs="+", default=[AUTO_SPARSE], choices=RETRIEVERS,
                         help="how chunks are ranked (grid; the server's --retriever): dense (MiniLM + FAISS), "
                              "bm25 (the datastore's BM25 index: `retroserve datastore bm25 DIR` adds one) or "
-                             "fusion (reciprocal rank fusion of both)")
+                             f"fusion (reciprocal rank fusion of both); default {AUTO_SPARSE}, what the server's "
+                             "auto serves from a datastore with a BM25 index")
     parser.add_argument("--layout", nargs="+", default=[context.DEFAULT_LAYOUT], choices=context.LAYOUTS,
                         help="context layout (grid; server/context.py explains each): neighbours before the "
                              "document so far (prepend, the server's default); the document so far, then the "

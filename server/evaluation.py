@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from artefacts.tokenizer import document_start_ids
+from retriever.sparse import AUTO_SPARSE
 from server import context
 from server.config import CHUNK_MODES, KNN_MODES
 from server.engine import Engine, SegmentSampling
@@ -92,8 +93,9 @@ class EvalSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    retriever: str = "dense"
-    """How chunks are ranked (retriever.sparse.METHODS): dense, bm25 or fusion."""
+    retriever: str = AUTO_SPARSE
+    """How chunks are ranked (retriever.sparse.METHODS): dense, bm25 or fusion; default: what the
+    server's "auto" serves from a datastore with a BM25 index."""
     layout: str = context.DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
@@ -128,7 +130,7 @@ class EvalSettings:
                 else "")
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"
-        retriever = "" if self.retriever == "dense" else f" {self.retriever}"
+        retriever = "" if self.retriever == "dense" else f" {self.retriever}"  # results before BM25 were dense
         chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{retriever}{layout}{keep}"
         return chunk if self.mode == "chunk" else f"hybrid: {chunk} + {knn}"
 

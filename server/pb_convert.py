@@ -21,8 +21,10 @@ def limits_to_pb(limits: Limits) -> pb.LimitsInfo:
     return pb.LimitsInfo(**{f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)})
 
 
-def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple[str, ...]) -> pb.RetrievalDefaultsInfo:
-    """Defaults and bounds; `mode` is what an unspecified request gets on this server."""
+def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple[str, ...],
+                             retriever: str | None = None) -> pb.RetrievalDefaultsInfo:
+    """Defaults and bounds; `mode` is what an unspecified request gets on this server, `retriever`
+    the method the serving datastore ranks chunks with (default: the configured one)."""
     default_mode = defaults.mode if defaults.mode in available_modes else "none"
     return pb.RetrievalDefaultsInfo(
         mode=MODE_TO_PB[default_mode],
@@ -44,7 +46,7 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         knn_pointer_min=defaults.knn_pointer_min,
         keep_same_neighbours=defaults.keep_same_neighbours,
         keep_rank_margin=defaults.keep_rank_margin,
-        retriever=defaults.retriever,
+        retriever=retriever or defaults.retriever,
     )
 
 

@@ -293,7 +293,8 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
             datastore=pb_convert.datastore_info_to_pb(self.datastores.version if self.datastores else None),
             limits=pb_convert.limits_to_pb(self.config.limits),
             retrieval_defaults=pb_convert.retrieval_defaults_to_pb(
-                self.config.retrieval, self.validation.available_modes
+                self.config.retrieval, self.validation.available_modes,
+                self.datastores.version.retrieval.datastore.method if self.datastores else None,
             ),
             version=self.version,
             token_datastore=(pb_convert.datastore_summary_to_pb(self.engine.token_datastore)

@@ -329,6 +329,6 @@ def test_eval_retriever_grid_scores_each_ranking_method_and_names_it():
                                       "--retriever", "dense", "fusion"])
     chunk = [s for s in eval_cli.settings_grid(args) if s.mode == "chunk"]
     assert [(s.retriever, s.neighbours) for s in chunk] == [("dense", 2), ("dense", 4), ("fusion", 2), ("fusion", 4)]
-    assert "fusion" in chunk[2].label() and "dense" not in chunk[0].label()
+    assert "fusion" in chunk[2].label() and "dense" not in chunk[0].label()  # dense is unnamed, as before BM25
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--retriever", "tfidf"])

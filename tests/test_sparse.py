@@ -165,6 +165,20 @@ def test_bm25_on_a_datastore_without_its_index_names_the_command_that_adds_it(bm
         Datastore.open(copy, device="cpu", method="tf-idf")
 
 
+def test_auto_serves_bm25_where_the_datastore_has_its_index_and_dense_where_not(bm25_datastore, tmp_path):
+    assert sparse.resolve("auto", True) == sparse.AUTO_SPARSE == "bm25"
+    assert sparse.resolve("auto", False) == "dense" and sparse.resolve("fusion", True) == "fusion"
+    with Datastore.open(bm25_datastore, device="cpu", method="auto") as datastore:
+        assert datastore.method == "bm25"
+    copy = tmp_path / "dense-only"
+    shutil.copytree(bm25_datastore, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["sparse"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with Datastore.open(copy, device="cpu", method="auto") as datastore:
+        assert datastore.method == "dense" and datastore.sparse is None
+
+
 def test_the_serving_search_path_uses_the_configured_retriever(bm25_datastore, tokenizer_dir):
     """open_datastore_for_serving with --retriever bm25: cache and batcher in front, the same rows
     as the datastore's own BM25 search, and a repeated query answered from the exact cache."""
@@ -186,3 +200,28 @@ def test_the_serving_search_path_uses_the_configured_retriever(bm25_datastore, t
         serving.datastore.close()
     with pytest.raises(ValueError, match="retriever"):
         RetrievalDefaults(retriever="sparse")
+
+
+def test_the_default_datastore_built_before_bm25_gets_its_index_on_server_start(bm25_datastore, tmp_path,
+                                                                                monkeypatch):
+    """ensure_default_datastore (the server's first step with the default datastore) adds the
+    BM25 index to a default datastore that lacks it, so "auto" serves BM25 after an upgrade;
+    any other datastore is left as it is."""
+    from artefacts import paths
+    from datastore_tools.build import ensure_default_datastore
+    from datastore_tools.verify import verify_datastore
+
+    monkeypatch.setenv("RETROSERVE_HOME", str(tmp_path / "home"))
+    for target in (paths.default_datastore_dir(), tmp_path / "elsewhere"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bm25_datastore, target)
+        shutil.rmtree(target / "bm25")
+        manifest = json.loads((target / "manifest.json").read_text())
+        del manifest["sparse"]
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("bm25/")}
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        ensure_default_datastore(target, tmp_path / "unused-model")
+    default = json.loads((paths.default_datastore_dir() / "manifest.json").read_text())
+    assert default["sparse"]["bm25"]["chunks"] == default["counts"]["chunks"]
+    assert verify_datastore(paths.default_datastore_dir()) == []
+    assert "sparse" not in json.loads((tmp_path / "elsewhere" / "manifest.json").read_text())
