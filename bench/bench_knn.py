@@ -10,7 +10,7 @@ document, prompt log-probs through the engine's kNN model class), the fraction o
 whose search was skipped (adaptive) or avoided (pointers) while scoring and while generating
 (the engine's KnnStats), and output tokens/s of greedy generation at each --concurrency (prompts:
 the first --prompt-chars of held-out documents; generation may stop early at EOS, so tokens are
-counted, not assumed). Everything runs in this process through server/engine.py, like `eval run`.
+counted, not assumed). Everything runs in this process through server/core/engine.py, like `eval run`.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_knn.py --split runs/pydocs/split.json \\
         --token-datastore DIR [--merged-datastore DIR] [--pca-datastore DIR] --output runs/knn-bench.json
@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL,  # noqa: E402
+from server.knn.settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL,  # noqa: E402
                                  DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions)
 
 log = logging.getLogger("bench_knn")
@@ -81,7 +81,7 @@ def scenarios(args) -> list[Scenario]:
 
 
 def knn_settings(args, scenario: Scenario):
-    from server.knn_settings import KnnRequestSettings
+    from server.knn.settings import KnnRequestSettings
 
     if scenario.mode != "token":
         return None
@@ -91,7 +91,7 @@ def knn_settings(args, scenario: Scenario):
 
 async def throughput(engine, prompts: list[list[int]], knn, concurrency: int, max_tokens: int, tag: str) -> float:
     """Output tokens/s of greedy generation, `concurrency` requests in flight until `prompts` are done."""
-    from server.engine import SegmentSampling
+    from server.core.engine import SegmentSampling
 
     queue = list(enumerate(prompts))
     produced = 0
@@ -111,8 +111,8 @@ async def throughput(engine, prompts: list[list[int]], knn, concurrency: int, ma
 
 async def run_engine(args, datastore: Path, runs: list[Scenario], documents, model_dir: Path) -> list[Row]:
     from server.config import EngineConfig
-    from server.engine import Engine
-    from server.evaluation import EvalSettings, Evaluator
+    from server.core.engine import Engine
+    from server.evaluation.scoring import EvalSettings, Evaluator
 
     loop = asyncio.get_running_loop()
     config = EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
@@ -169,7 +169,7 @@ def print_table(rows: list[Row], concurrency: list[int], out=sys.stdout) -> None
 
 async def main_async(args) -> list[Row]:
     from artefacts import paths
-    from server.eval_cli import heldout_documents, read_split, refuse_leaking_token_datastore
+    from server.evaluation.cli import heldout_documents, read_split, refuse_leaking_token_datastore
 
     model_dir = Path(args.model) if args.model else paths.default_model_dir()
     files = (args.documents.read_text().split() if args.documents else read_split(args.split)["heldout"])
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from server.eval_cli import EvalError
+    from server.evaluation.cli import EvalError
 
     try:
         rows = asyncio.run(main_async(args))

@@ -49,7 +49,7 @@ def vllm_token_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
 
 def main() -> None:
     from artefacts import checkpoint, paths
-    from server import model_prep
+    from server.model import prepare as model_prep
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=str(paths.default_model_dir()))

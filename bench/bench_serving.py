@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
-from server import validation  # noqa: E402
+from server.api import validation  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
-from server.eval_cli import invocation  # noqa: E402
+from server.evaluation.cli import invocation  # noqa: E402
 
 SCENARIOS = {
     "none": dict(mode="none"),
@@ -180,7 +180,7 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
 
 
 def start_server(port: int, metrics_port: int, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", "--address", f"127.0.0.1:{port}",
+    command = [sys.executable, "-m", "server.cli.main", "serve", "--address", f"127.0.0.1:{port}",
                "--metrics-address", f"127.0.0.1:{metrics_port}", *extra]
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     log = open(REPO / "bench" / "results" / "bench_serving_server.log", "w")

@@ -78,12 +78,12 @@ def prompt_texts(count: int, chars: int, seed: int) -> list[str]:
 
 
 class ServeProcess:
-    """`python -m server.cli serve` on free loopback ports; `close` leaves no process behind."""
+    """`python -m server.cli.main serve` on free loopback ports; `close` leaves no process behind."""
 
     def __init__(self, serve_args: list[str], log_path: Path):
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "server.cli", "serve", "--address", self.address,
+        command = [sys.executable, "-m", "server.cli.main", "serve", "--address", self.address,
                    "--metrics-address", f"127.0.0.1:{self.metrics_port}", *serve_args]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path

@@ -1,4 +1,4 @@
-"""`retroserve datastore <command>`: argument definitions and runners, wired by server/cli.py.
+"""`retroserve datastore <command>`: argument definitions and runners, wired by server/cli/main.py.
 
 Each command has `add_<cmd>_arguments(parser)` and `run_<cmd>(args) -> int`. User-fixable problems
 (DatastoreToolError, retriever.DatastoreError) print `error: ...` on stderr and return 2;

@@ -4,7 +4,7 @@ Efficient kNN-LM (He et al. 2021): entries are visited in id order; each entry n
 absorbs those of its k nearest entries that come after it, are not yet merged and share its next
 token. The new datastore keeps one entry per group (the visited one: its key, value and document)
 with `counts.npy` = how many original entries it stands for; serving adds log(count) to its kNN
-score (server/knn_speed.py `log_counts`). Entries merged away never absorb others, so every group
+score (server/knn/speed.py `log_counts`). Entries merged away never absorb others, so every group
 is its representative plus some of the representative's neighbours, all with its next token.
 
 Pointers (`next.npy`) are remapped: a kept entry's successor becomes the representative of its

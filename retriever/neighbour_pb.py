@@ -1,6 +1,6 @@
 """The API's protobuf Neighbour (retroserve.proto) from a retriever.datastore.Neighbour.
 
-One converter for the server's Retrieve/Generate replies (server/service.py) and the shard
+One converter for the server's Retrieve/Generate replies (server/api/service.py) and the shard
 process's ShardNeighbour (retriever/shard_wire.py). It imports only the generated protobuf module,
 so a shard process does not load the server's config or validation to answer a search.
 """

@@ -5,7 +5,7 @@ to the token that followed it (the value). Its keys are only meaningful for the 
 produced them, so `TokenDatastore.open` refuses one built with another model or tokenizer, naming
 the rebuild command. It is opened twice in a server: in the gRPC process (for Info and the
 fingerprint check at start-up) and inside vLLM's engine process by the kNN model class
-(server/knn_model.py), which searches it once per engine step.
+(server/knn/model.py), which searches it once per engine step.
 
 Files (docs/datastore_format.md, "Token datastores"): `index.faiss` (L2 metric, ids = entry ids),
 `values.npy` (int32 next-token id per entry), `next.npy` (int64 entry id of the following corpus

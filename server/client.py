@@ -30,9 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
-from server.auth import AUTHORIZATION_METADATA_KEY
+from server.api.auth import AUTHORIZATION_METADATA_KEY
 from server.config import Limits
-from server.request_context import REQUEST_ID_METADATA_KEY
+from server.core.request_context import REQUEST_ID_METADATA_KEY
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

@@ -1,6 +1,6 @@
 """Server configuration: one dataclass per component, each field with a default and a bound.
 
-CLI flags for `retroserve serve` are generated from these dataclasses (server/cli.py), so a
+CLI flags for `retroserve serve` are generated from these dataclasses (server/cli/main.py), so a
 setting is defined once. Cross-field checks raise ValueError showing the values.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from artefacts import paths
 from retriever.sparse import CHOICES as RETRIEVERS
-from server import context
+from server.core import context
 
-from server.knn_settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
+from server.knn.settings import (DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS,
                                  DEFAULT_KNN_TEMPERATURE)
 
 RETRIEVAL_MODES = ("none", "chunk", "token", "hybrid")
@@ -33,7 +33,7 @@ ENGINE_MAX_TEMPERATURE = 2.0
 """vLLM 0.32's SamplingParams refuses temperatures above this (VLLMValidationError): a bound
 above it let requests pass validation and fail inside the engine as INTERNAL."""
 CONTEXT_LAYOUTS = context.LAYOUTS
-"""Context layouts of chunk mode (server/context.py explains them)."""
+"""Context layouts of chunk mode (server/core/context.py explains them)."""
 SHARD_POLICIES = ("partial", "require_all")
 """What a retrieval does when a datastore shard is down or late, as the API's ShardPolicy enum
 names them (lower case, no prefix): use the other shards' neighbours, or fail with UNAVAILABLE."""
@@ -62,7 +62,7 @@ class EngineConfig:
     seed: int = 0
     token_datastore: Path | None = None
     """Token (kNN-LM) datastore to serve mode "token" from (`retroserve datastore build --mode
-    token`); the engine then runs the kNN model class (server/knn_model.py). None: no token mode."""
+    token`); the engine then runs the kNN model class (server/knn/model.py). None: no token mode."""
     knn_pointer_pool: int = DEFAULT_KNN_POINTER_POOL
     """Token mode, pointer following: a search seeds a request's pointer set with this many nearest
     entries (at least the request's k; only k enter the distribution), so more pointers survive the
@@ -118,7 +118,7 @@ class RetrievalDefaults:
     without a datastore of that mode falls back to "none" for such requests."""
     layout: str = context.DEFAULT_LAYOUT
     """Context layout for requests that leave it unspecified: one of CONTEXT_LAYOUTS
-    (server/context.py explains them)."""
+    (server/core/context.py explains them)."""
     keep_same_neighbours: bool = True
     """When a retrieval returns the chunks already in the context (in any order), continue the
     previous context instead of laying it out again, so the engine computes no prompt tokens anew."""
@@ -126,7 +126,7 @@ class RetrievalDefaults:
     """With keep_same_neighbours, for requests that leave retrieval.keep_rank_margin unset: also
     keep the neighbours in the context while each of them is still among a new retrieval's k +
     this many nearest (fetched for the check). 0: only the same chunks are kept. Default:
-    server/context.py DEFAULT_KEEP_RANK_MARGIN (README, Measured)."""
+    server/core/context.py DEFAULT_KEEP_RANK_MARGIN (README, Measured)."""
     shard_policy: str = "partial"
     """With datastore shards: what requests that leave shard_policy unspecified get when a shard is
     down or late, one of SHARD_POLICIES ("partial": the other shards' neighbours, reported in

@@ -123,7 +123,7 @@ def prepared_model_dir() -> Path:
     """The default 4-bit model, prepared once per checkout (about 3 minutes the first time), or
     the prepared model directory named by RETROSERVE_TEST_MODEL_DIR."""
     from artefacts import paths
-    from server import model_prep
+    from server.model import prepare as model_prep
 
     override = os.environ.get("RETROSERVE_TEST_MODEL_DIR")
     if override:

@@ -14,7 +14,7 @@ class ServerThread:
         import asyncio
         import threading
 
-        from server import app
+        from server.api import app
 
         self.owns_loop = loop is None
         if loop is None:
@@ -68,7 +68,7 @@ class RetrieverThread:
 
         from prometheus_client import CollectorRegistry
 
-        from server import retriever_app
+        from server.api import retriever_app
         from server.config import RetrieverServerConfig
 
         config = RetrieverServerConfig(datastore_dir=datastore_dir, address="127.0.0.1:0",
@@ -89,7 +89,7 @@ class RetrieverThread:
 
 
 class RetrieverProcess:
-    """`python -m server.cli retriever serve` as a child process on port 0 (tests kill it), with
+    """`python -m server.cli.main retriever serve` as a child process on port 0 (tests kill it), with
     `omp_threads` FAISS threads (one by default: several shards share this machine's cores)."""
 
     def __init__(self, datastore_dir: Path, *extra: str, omp_threads: int = 1):
@@ -104,7 +104,7 @@ class RetrieverProcess:
         self.datastore_dir = Path(datastore_dir)
         env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads), PYTHONPATH=str(repo))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "retriever", "serve", "--datastore-dir", str(datastore_dir),
+            [sys.executable, "-m", "server.cli.main", "retriever", "serve", "--datastore-dir", str(datastore_dir),
              "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *extra],
             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from server.cli import build_parser
+from server.cli.main import build_parser
 
 
 def _commands(parser: argparse.ArgumentParser, prefix=()):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
 from server.client import RetroserveClient, build_generate_request
-from server.generate_cli import add_generate_arguments, format_provenance, run_generate
+from server.cli.generate import add_generate_arguments, format_provenance, run_generate
 
 NEIGHBOUR = pb.Neighbour(chunk_id=7, doc_id=2, source="pydoc_data.topics:assert", title="assert",
                          text="Assert statements are a convenient way to insert debugging assertions",

@@ -1,4 +1,4 @@
-"""Context layouts and the same-neighbours continuation (server/context.py), on token ids alone."""
+"""Context layouts and the same-neighbours continuation (server/core/context.py), on token ids alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server import context
+from server.core import context
 
 SEP = (9, 9)
 

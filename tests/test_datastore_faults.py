@@ -55,7 +55,7 @@ def damaged_copy(source, directory, name: str):
 @pytest.mark.parametrize("name", sorted(DAMAGE))
 def test_serve_refuses_a_damaged_datastore_before_loading_the_engine(name, prepared_model_dir, server_datastore,
                                                                      tmp_path, capsys):
-    from server import cli
+    from server.cli import main as cli
 
     damaged = damaged_copy(server_datastore, tmp_path, name)
     started = time.monotonic()
@@ -112,7 +112,7 @@ def test_serve_with_a_bm25_retriever_refuses_a_datastore_without_its_index_befor
         prepared_model_dir, server_datastore, tmp_path, capsys):
     import json
 
-    from server import cli
+    from server.cli import main as cli
 
     copy = tmp_path / "dense-only"
     shutil.copytree(server_datastore, copy)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from artefacts import paths
-from server import cli
+from server.cli import main as cli
 from server.config import ServerConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -168,7 +168,7 @@ def test_probes_ports_and_volumes_agree_with_the_server(rendered):
     assert ports == {"grpc": grpc_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port
-    from server.app import SERVICE_NAME
+    from server.api.app import SERVICE_NAME
 
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     startup = container["startupProbe"]
@@ -214,7 +214,7 @@ def shell_words(args: list[str]) -> list[str]:
 
 def test_retriever_statefulset_agrees_with_retriever_serve(sharded):
     """Ports, probes, the datastore it reads and the volume it reads it from, per shard pod."""
-    from server import retriever_app
+    from server.api import retriever_app
 
     _, documents = sharded
     statefulset = find(documents, "StatefulSet", "retroserve-retriever")

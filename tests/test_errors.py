@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
-from server import errors
-from server.errors import ErrorInterceptor
-from server.logging_setup import JsonFormatter, RequestIdFilter
-from server.metrics import Metrics
-from server.request_context import current_request
+from server.api import errors
+from server.api.errors import ErrorInterceptor
+from server.observability.logging_setup import JsonFormatter, RequestIdFilter
+from server.observability.metrics import Metrics
+from server.core.request_context import current_request
 
 SECRET = "secret-internal-detail-/etc/passwd"
 
@@ -128,7 +128,7 @@ def json_log():
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("server.errors")
+    logger = logging.getLogger("server.api.errors")
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)
@@ -272,8 +272,8 @@ def test_undecodable_requests_are_invalid_argument_after_authentication(tmp_path
     """Bytes that do not decode as the request type: INVALID_ARGUMENT, counted, for unary and
     streaming methods (grpc alone answers UNKNOWN with the parser's exception text); a caller
     without a token still gets UNAUTHENTICATED first. The chain is app.interceptors_for's."""
-    from server.app import interceptors_for
-    from server.auth import BearerTokens
+    from server.api.app import interceptors_for
+    from server.api.auth import BearerTokens
     from server.config import SecurityConfig, ServerConfig
 
     tokens_file = tmp_path / "tokens.txt"

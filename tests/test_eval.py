@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from artefacts.tokenizer import document_start_ids
-from server import eval_ablate, eval_cli
-from server.cli import build_parser
-from server.evaluation import EvalDocument, Evaluator, EvalSettings, ngram_overlap
+from server.evaluation import ablate as eval_ablate, cli as eval_cli
+from server.cli.main import build_parser
+from server.evaluation.scoring import EvalDocument, Evaluator, EvalSettings, ngram_overlap
 
 TEXT = "The assert statement checks a condition and raises AssertionError when it is false. ☃"
 
 
 def direct_bits_per_byte(server, text: str) -> float:
     """From the engine's prompt log-probs, without the eval code: sum over the text's tokens."""
-    from server.engine import SegmentSampling
+    from server.core.engine import SegmentSampling
 
     engine = server.running.engine
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -51,7 +51,7 @@ def test_bits_per_byte_agrees_with_transformers(server):
     """The evaluator's bits per byte on the fidelity check's text (884 tokens) against fp32
     transformers on the same weights, teacher-forced: within the check's bound (0.3%; measured
     +0.11% on Zen 4, bf16 rounding; a shifted token or int8 activations move it by > 1.5%)."""
-    from server import model_check
+    from server.model import check as model_check
 
     engine = server.running.engine
     text = model_check.check_text()
@@ -173,7 +173,7 @@ def test_eval_cli_names_a_bad_split_file(tmp_path, capsys):
 
 
 def test_paired_bootstrap_gives_the_byte_weighted_change_and_an_interval_around_it():
-    from server.evaluation import paired_bootstrap
+    from server.evaluation.scoring import paired_bootstrap
 
     base = [{"source": f"d{i}", "bytes": 100 + 10 * i, "nll_nats": 50.0 + i} for i in range(12)]
     other = [dict(d, nll_nats=d["nll_nats"] * (0.9 if i % 3 else 1.02)) for i, d in enumerate(base)]
@@ -189,7 +189,7 @@ def test_paired_bootstrap_gives_the_byte_weighted_change_and_an_interval_around_
 
 
 def test_windows_of_one_document_are_one_resampling_unit():
-    from server.evaluation import paired_bootstrap
+    from server.evaluation.scoring import paired_bootstrap
 
     base = [{"source": f"d{i}", "bytes": 100, "nll_nats": 50.0 + i} for i in range(6)]
     other = [dict(d, nll_nats=d["nll_nats"] * (0.8 if i % 2 else 1.05)) for i, d in enumerate(base)]
@@ -204,7 +204,7 @@ def test_windows_of_one_document_are_one_resampling_unit():
 
 
 def test_prose_lines_exclude_restructuredtext_markup():
-    from server.evaluation import prose_layout
+    from server.evaluation.scoring import prose_layout
 
     lines = [
         (":mod:`os` --- Miscellaneous interfaces\n", True),  # a role starts prose
@@ -227,7 +227,7 @@ def test_prose_lines_exclude_restructuredtext_markup():
 
 
 def test_share_of_tokens_worse_pairs_tokens_in_order():
-    from server.evaluation import DocumentScore, EvalResult, EvalSettings, share_of_tokens_worse
+    from server.evaluation.scoring import DocumentScore, EvalResult, EvalSettings, share_of_tokens_worse
 
     def result(*documents):
         return EvalResult(EvalSettings(), [DocumentScore("d", 1, len(lp), 0.0, token_logprobs=lp) for lp in documents])
@@ -241,7 +241,7 @@ def test_share_of_tokens_worse_pairs_tokens_in_order():
 
 
 def test_document_windows_spread_over_the_whole_text_at_line_starts():
-    from server.evaluation import document_windows
+    from server.evaluation.scoring import document_windows
 
     text = "".join(f"line {i:04d} " + "x" * (i % 37) + "\n" for i in range(2000))
     windows = document_windows(text, 5, 1000)
@@ -260,7 +260,7 @@ def test_computed_tokens_count_what_the_prefix_cache_would_not_serve():
     """Whole KV blocks shared with the previous span's prompt of the same document are served."""
     from types import SimpleNamespace
 
-    from server.evaluation import Evaluator, _Span
+    from server.evaluation.scoring import Evaluator, _Span
 
     evaluator = Evaluator.__new__(Evaluator)
     evaluator.engine = SimpleNamespace(config=SimpleNamespace(block_size=4))
@@ -275,7 +275,7 @@ def test_a_span_whose_neighbours_come_back_continues_the_previous_span_prompt():
     span j's chunks (any order), its prompt is span j's prompt followed by its own target."""
     from types import SimpleNamespace
 
-    from server.evaluation import EvalSettings, Evaluator, _Span
+    from server.evaluation.scoring import EvalSettings, Evaluator, _Span
 
     def chunk(chunk_id):
         return SimpleNamespace(chunk_id=chunk_id, chunk_tokens=(chunk_id,) * 3, continuation_tokens=(chunk_id,) * 2)

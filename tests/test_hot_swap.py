@@ -185,7 +185,7 @@ def test_a_datastore_built_for_another_tokenizer_is_refused(swap_server, other_t
 def test_sighup_handler_reloads_the_directory_serving_now(swap_server, server_datastore):
     """The handler `retroserve serve` installs for SIGHUP (signals reach only the main thread's
     loop, so the test calls it on the server's loop as the signal would)."""
-    from server import app
+    from server.api import app
 
     running, serving = swap_server
     before = running.running.datastores.version.digest
@@ -211,7 +211,7 @@ def test_sighup_to_a_serve_process_swaps_its_datastore(prepared_model_dir, serve
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "server.cli", "serve", "--model-dir", str(prepared_model_dir),
+    command = [sys.executable, "-m", "server.cli.main", "serve", "--model-dir", str(prepared_model_dir),
                "--datastore-dir", str(serving), "--address", f"127.0.0.1:{port}", "--metrics-address",
                "127.0.0.1:0", "--kv-cache-gib", "0.5", "--max-num-seqs", "2"]
     repo_root = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Token mode (kNN-LM) end to end: token datastore build, the kNN model class inside vLLM, the API.
 
-One real server (vLLM engine with server/knn_model.py, no chunk datastore) serves the module; the
+One real server (vLLM engine with server/knn/model.py, no chunk datastore) serves the module; the
 token datastore is the small test corpus built with the served model. References are the same
 engine's own outputs in mode none (greedy tokens, prompt log-probs) and the build's keys.
 
@@ -37,7 +37,7 @@ now turns that path off, artefacts/cpu_kernels.py)."""
 
 @pytest.fixture(scope="module")
 def knn_plugin_visible(tmp_path_factory):
-    from server import knn_plugin
+    from server.knn import plugin as knn_plugin
 
     if knn_plugin.entry_point_installed():
         yield
@@ -118,7 +118,7 @@ def _corpus_document(token_datastore: Path, number: int):
 
 
 def _segment(server, prompt_ids, request_id, *, knn=None, max_tokens=1, prompt_logprobs=False):
-    from server.engine import SegmentSampling
+    from server.core.engine import SegmentSampling
 
     engine = server.running.engine
 
@@ -161,7 +161,7 @@ def test_token_build_stores_next_tokens_and_pointers(token_datastore, prepared_m
 def test_a_token_datastore_of_another_model_is_refused_with_the_fix(token_datastore, prepared_model_dir, tmp_path):
     from retriever.datastore import Datastore, DatastoreError, FingerprintMismatch
     from server.config import EngineConfig
-    from server.engine import open_token_datastore
+    from server.core.engine import open_token_datastore
 
     other = tmp_path / "other"
     shutil.copytree(token_datastore, other)
@@ -190,7 +190,7 @@ def test_window_plan_covers_every_position_once():
 
 
 def test_info_reports_the_token_datastore_and_mode(client, token_datastore):
-    from server.knn_settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA
+    from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA
 
     info = client.info()
     assert info.token_datastore.loaded and info.token_datastore.mode == "token"
@@ -202,7 +202,7 @@ def test_info_reports_the_token_datastore_and_mode(client, token_datastore):
 
 
 def test_lambda_zero_reproduces_the_models_own_logprobs_exactly(knn_server, token_datastore):
-    from server.knn_settings import KnnRequestSettings
+    from server.knn.settings import KnnRequestSettings
 
     ids, _, _ = _corpus_document(token_datastore, 0)
     prompt = ids[:120]
@@ -219,7 +219,7 @@ def test_lambda_zero_reproduces_the_models_own_logprobs_exactly(knn_server, toke
 
 def test_mixing_from_a_position_leaves_earlier_rows_the_models_own(knn_server, token_datastore):
     """Evaluation mixes only where scored tokens are predicted (KnnRequestSettings.mix_from_position)."""
-    from server.knn_settings import KnnRequestSettings
+    from server.knn.settings import KnnRequestSettings
 
     ids, _, _ = _corpus_document(token_datastore, 0)
     prompt, start = ids[:120], 80
@@ -257,7 +257,7 @@ def test_mixed_batch_leaves_other_requests_unchanged(knn_server, client):
 
 
 def test_build_time_keys_match_serving_hidden_states(knn_server, token_datastore, tmp_path):
-    from server.knn_settings import KnnRequestSettings
+    from server.knn.settings import KnnRequestSettings
 
     ids, entries, store = _corpus_document(token_datastore, 2)  # not 0/1: the corpus has assert.txt twice
     prompt = ids[:200]
@@ -306,8 +306,8 @@ def test_hybrid_mode_is_chunk_mode_plus_the_knn_mixture(hybrid_client):
 
 
 def test_eval_scores_hybrid_mode(hybrid_server, corpus_dir, server_datastore, prepared_model_dir):
-    from server.eval_cli import open_retrieval
-    from server.evaluation import EvalDocument, EvalSettings, Evaluator
+    from server.evaluation.cli import open_retrieval
+    from server.evaluation.scoring import EvalDocument, EvalSettings, Evaluator
 
     documents = [EvalDocument("global", (corpus_dir / "global.rst").read_text())]
     datastore, retrieve = open_retrieval(server_datastore, prepared_model_dir)
@@ -341,7 +341,7 @@ def test_token_mode_parameters_are_validated(client):
 
 
 def test_eval_scores_token_mode(knn_server, token_datastore, corpus_dir):
-    from server.evaluation import EvalDocument, EvalSettings, Evaluator
+    from server.evaluation.scoring import EvalDocument, EvalSettings, Evaluator
 
     text = (corpus_dir / "global.rst").read_text()
     evaluator = Evaluator(knn_server.running.engine, max_doc_chars=600)
@@ -356,9 +356,9 @@ def test_eval_refuses_a_token_datastore_built_from_the_scored_documents(token_da
     """Token mode has no per-document neighbour filter in the engine, so `eval run` refuses a token
     datastore that holds a held-out document (before any engine starts), naming it and the fix;
     a document outside it passes the check."""
-    from server.cli import build_parser
-    from server.eval_cli import refuse_leaking_token_datastore
-    from server.evaluation import EvalDocument
+    from server.cli.main import build_parser
+    from server.evaluation.cli import refuse_leaking_token_datastore
+    from server.evaluation.scoring import EvalDocument
 
     inside = corpus_dir / "global.rst"
     args = build_parser().parse_args(["eval", "run", "--heldout", str(inside), "--token-datastore",
@@ -376,7 +376,7 @@ def test_eval_refuses_a_token_datastore_built_from_the_scored_documents(token_da
 def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_path):
     """Pointers that can never be enough change nothing; pointers on the datastore's own text
     avoid most searches; adaptive retrieval leaves exactly the rows it skips to the model."""
-    from server.knn_settings import KnnRequestSettings
+    from server.knn.settings import KnnRequestSettings
 
     engine = knn_server.running.engine
     ids, _, _ = _corpus_document(token_datastore, 2)

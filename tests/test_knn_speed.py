@@ -1,5 +1,5 @@
 """kNN-LM speed techniques on small seeded data, without vLLM: pointer following (RetoMaton),
-greedy-merge pruning, adaptive retrieval, merge-count weighting (server/knn_speed.py,
+greedy-merge pruning, adaptive retrieval, merge-count weighting (server/knn/speed.py,
 datastore_tools/token_prune.py). Real FAISS indexes; references are fresh exact searches and
 float64 numpy."""
 
@@ -17,7 +17,7 @@ from datastore_tools.manifest import write_manifest
 from retriever import format as fmt
 from retriever import token_datastore as tds
 from retriever.token_datastore import TokenDatastore
-from server import knn_speed
+from server.knn import speed as knn_speed
 
 DIM = 16
 LENGTH = 40  # positions per document copy
@@ -255,7 +255,7 @@ def _write_token_datastore(path: Path, keys, values, next_ids, factory="Flat"):
 
 
 def test_prune_tool_publishes_a_merged_datastore_with_counts(tmp_path):
-    from server.cli import main
+    from server.cli.main import main
 
     keys, values, _ = _merge_input(seed=3, n=400)
     next_ids = np.arange(1, len(values) + 1)
@@ -280,7 +280,7 @@ def test_reduce_tool_reindexes_token_keys_with_pca_and_keeps_every_entry(tmp_pat
     PCA + the source factory over the source's own keys, searched with full-size queries."""
     from datastore_tools.index_factory import build_index
     from retriever.datastore import apply_search_params
-    from server.cli import main
+    from server.cli.main import main
 
     keys, values, _ = _merge_input(seed=4, n=400)
     next_ids = np.arange(1, len(values) + 1)
@@ -350,8 +350,8 @@ def test_count_weighting_matches_a_float64_reference():
 def test_speed_fields_are_validated_and_resolved_to_server_defaults():
     from protos.retroserve.v1 import retroserve_pb2 as pb
     from server.config import RetrievalDefaults
-    from server.errors import InvalidArgument
-    from server.validation import GenerationRequest, ValidationContext
+    from server.api.errors import InvalidArgument
+    from server.api.validation import GenerationRequest, ValidationContext
 
     context = ValidationContext(retrieval=RetrievalDefaults(knn_pointer_min=4), has_token_datastore=True)
 
@@ -363,7 +363,7 @@ def test_speed_fields_are_validated_and_resolved_to_server_defaults():
     assert resolved.knn_skip_above_prob == 1.0 and resolved.knn_pointer_min == 4
     resolved = GenerationRequest.from_pb(request(knn_skip_above_prob=0.8, knn_pointer_min=0), context)
     assert resolved.knn_skip_above_prob == 0.8 and resolved.knn_pointer_min == 0
-    from server.generation import LoopSettings
+    from server.core.generation import LoopSettings
 
     settings = LoopSettings(**resolved.loop_settings_kwargs()).knn_settings()
     assert settings.skip_above_prob == 0.8 and settings.pointer_min == 0

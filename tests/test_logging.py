@@ -9,8 +9,8 @@ import logging
 import subprocess
 import sys
 
-from server import request_context
-from server.logging_setup import configure_logging
+from server.core import request_context
+from server.observability.logging_setup import configure_logging
 
 
 def test_json_lines_with_request_id_and_extras():
@@ -40,7 +40,8 @@ def test_json_lines_with_request_id_and_extras():
 def test_importing_server_modules_configures_no_logging():
     code = (
         "import logging\n"
-        "import server.errors, server.metrics, server.validation, server.client, server.generate_cli, server.logging_setup\n"
+        "import server.api.errors, server.observability.metrics, server.api.validation, server.client\n"
+        "import server.cli.generate, server.observability.logging_setup\n"
         "assert logging.getLogger().handlers == [], logging.getLogger().handlers\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import Metrics, split_address, start_metrics_server, stop_metrics_server
+from server.observability.metrics import Metrics, split_address, start_metrics_server, stop_metrics_server
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_shard_series_exist_per_shard_and_reason_and_move(endpoint):
 
 
 def test_retriever_metrics_follow_the_same_conventions():
-    from server.metrics import RetrieverMetrics
+    from server.observability.metrics import RetrieverMetrics
 
     registry = CollectorRegistry()
     metrics = RetrieverMetrics(registry=registry)

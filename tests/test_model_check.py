@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from server import model_check
-from server.cli import build_parser
+from server.model import check as model_check
+from server.cli.main import build_parser
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +60,7 @@ def test_each_bound_names_its_violation():
 def test_model_check_fails_against_other_weights(server, capsys, monkeypatch):
     """The reference with layer 10's down_proj holding layer 11's weights (a wrong-weights bug):
     the check fails. (A 10% scale of one projection stays within bf16 rounding and passes; see
-    server/model_check.py.)"""
+    server/model/check.py.)"""
     import torch
 
     load = model_check.load_reference

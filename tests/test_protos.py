@@ -88,7 +88,7 @@ def test_info_reports_every_limit_and_retrieval_default():
 
     from protos.retroserve.v1 import retroserve_pb2 as pb
     from server.config import Limits, RetrievalDefaults
-    from server.pb_convert import limits_to_pb, retrieval_defaults_to_pb
+    from server.api.pb_convert import limits_to_pb, retrieval_defaults_to_pb
 
     limit_fields = {f.name for f in dataclasses.fields(Limits)}
     assert limit_fields == set(pb.LimitsInfo.DESCRIPTOR.fields_by_name)
@@ -100,13 +100,13 @@ def test_info_reports_every_limit_and_retrieval_default():
 
 
 def test_stop_reasons_match_the_generation_loop():
-    """server.generation.StopReason strings map onto the enum by prefix (read from source: no engine import)."""
+    """server.core.generation.StopReason strings map onto the enum by prefix (read from source: no engine import)."""
     import ast
 
     from protos.retroserve.v1 import retroserve_pb2 as pb
-    from server.pb_convert import stop_reason_to_pb
+    from server.api.pb_convert import stop_reason_to_pb
 
-    source = (generate.REPO_ROOT / "server" / "generation.py").read_text()
+    source = (generate.REPO_ROOT / "server" / "core" / "generation.py").read_text()
     stop_reason = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "StopReason")
     values = [node.value.value for node in stop_reason.body if isinstance(node, ast.Assign)]
     assert values

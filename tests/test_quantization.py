@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from artefacts import gptq_format
-from server import quantize
+from server.model import quantize
 
 
 def seeded_weight(out_features=96, in_features=128, seed=0) -> torch.Tensor:
@@ -77,7 +77,7 @@ class _Block(torch.nn.Module):
 
 
 def test_hessian_collector_equals_explicit_gram_matrices():
-    from server.quantize import HessianCollector
+    from server.model.quantize import HessianCollector
 
     torch.manual_seed(0)
     block = _Block()

@@ -19,11 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from certs import CertificateAuthority
 from loopback import second_server, server_config
-from server.auth import BearerTokens, TokenFileError, parse_token_file
+from server.api.auth import BearerTokens, TokenFileError, parse_token_file
 from server.client import RetroserveClient
 from server.config import SecurityConfig
-from server.generate_cli import add_generate_arguments, run_generate
-from server.tls import ReloadingCertificates, TlsSetupError
+from server.cli.generate import add_generate_arguments, run_generate
+from server.api.tls import ReloadingCertificates, TlsSetupError
 
 PROMPT = "The assert statement in Python"
 WAIT_S = 60
@@ -172,7 +172,7 @@ def cli_logging():
     """`retroserve` installs a log handler on the test's captured stderr; take it off afterwards."""
     import logging
 
-    from server import logging_setup
+    from server.observability import logging_setup
 
     yield
     if logging_setup._installed_handler is not None:
@@ -182,7 +182,7 @@ def cli_logging():
 
 def test_serve_cli_stops_on_a_bad_certificate_path_with_the_fix(prepared_model_dir, pki, tmp_path, capsys,
                                                                 cli_logging):
-    from server import cli
+    from server.cli import main as cli
 
     base = ["serve", "--model-dir", str(prepared_model_dir), "--address", "127.0.0.1:0",
             "--metrics-address", "127.0.0.1:0"]

@@ -108,7 +108,7 @@ def test_tokenize_matches_the_model_tokenizer(server, client, prepared_model_dir
 
 def test_greedy_without_retrieval_equals_the_engines_own_greedy_output(server, client):
     """The server's loop (segments, detokenization, stop handling) adds nothing to vLLM's greedy."""
-    from server.engine import SegmentSampling
+    from server.core.engine import SegmentSampling
 
     engine = server.running.engine
     prompt_ids = engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -132,7 +132,7 @@ def test_health_is_not_serving_until_the_engine_is_loaded(server, prepared_model
 
     from prometheus_client import CollectorRegistry
 
-    from server import app
+    from server.api import app
 
     release = threading.Event()
 
@@ -170,13 +170,13 @@ def _free_port() -> int:
 def test_greedy_without_retrieval_agrees_with_transformers(server, client, hf_model):
     """The served greedy tokens, checked teacher-forced against fp32 transformers (same prefix at
     every step): each is the reference's argmax or within the kernels' rounding of it (the
-    greedy margin of server/model_check.py: bf16 flips calls up to 0.134 nats apart on Zen 4,
+    greedy margin of server/model/check.py: bf16 flips calls up to 0.134 nats apart on Zen 4,
     an AMX Xeon flipped one 0.136 apart, issue 14), and the served prompt log-probs of the
     whole sequence stay within the check's largest deviation and agree on every clear argmax.
     Exact equality of the 16 tokens held on one CPU only."""
     import torch
 
-    from server import model_check
+    from server.model import check as model_check
 
     reply = client.generate(PROMPT, mode="none", max_new_tokens=16, return_token_ids=True)
     tokenizer = server.running.engine.tokenizer
@@ -322,7 +322,7 @@ def run_loop(server, batcher, **overrides):
     """One request through the server's generation loop and engine (greedy); its GenerationResult."""
     import uuid
 
-    from server.generation import Generator, LoopSettings
+    from server.core.generation import Generator, LoopSettings
 
     settings = LoopSettings(**{"prompt": PROMPT, "max_new_tokens": 24, "retrieval_mode": "chunk", "neighbours": 2,
                                "stride": 6, **overrides})
@@ -341,7 +341,7 @@ def test_the_suffix_layout_keeps_prompt_and_output_cached_across_new_neighbours(
     before them in the prefix cache, so it computes far fewer tokens than prepend does."""
     from pydoc_data.topics import topics
 
-    from server import context
+    from server.core import context
 
     prompt = (topics["try"] + topics["with"])[:3000]
     found = server.running.retrieval.datastore.search_texts([prompt], 6)[0]
@@ -366,8 +366,8 @@ def test_the_suffix_layout_keeps_prompt_and_output_cached_across_new_neighbours(
 def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_request(server, layout):
     """Continuing the context across retrievals computes exactly what one engine request over the
     first context computes, and recomputes almost no prompt token."""
-    from server import context
-    from server.engine import SegmentSampling
+    from server.core import context
+    from server.core.engine import SegmentSampling
 
     found = server.running.retrieval.datastore.search_texts([PROMPT], 2)[0]
     kept = run_loop(server, FixedNeighbours(found, found[::-1]), layout=layout)
@@ -541,7 +541,7 @@ def test_metrics_endpoint_reports_requests_latency_retrieval_and_engine(server, 
 
 
 def test_generate_cli_streams_from_the_server(server, capsys):
-    from server import cli
+    from server.cli import main as cli
 
     code = cli.main(["generate", "--address", server.address, "--mode", "chunk", "--max-new-tokens", "8",
                      "--provenance", PROMPT])
@@ -551,7 +551,7 @@ def test_generate_cli_streams_from_the_server(server, capsys):
 
 
 def test_serve_cli_names_a_missing_model_and_the_fix(tmp_path, capsys):
-    from server import cli
+    from server.cli import main as cli
 
     code = cli.main(["serve", "--model-dir", str(tmp_path / "missing"), "--address", "127.0.0.1:0",
                      "--metrics-address", "127.0.0.1:0"])

@@ -282,7 +282,7 @@ def test_retriever_serve_has_health_and_reflection_and_exits_cleanly_on_sigterm(
 
 
 def test_retriever_serve_names_a_missing_datastore(tmp_path, capsys):
-    from server import cli
+    from server.cli import main as cli
 
     code = cli.main(["retriever", "serve", "--datastore-dir", str(tmp_path / "missing"),
                      "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"])

@@ -10,8 +10,8 @@ import pytest
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
-from server.errors import DatastoreUnavailable, InvalidArgument
-from server.validation import (
+from server.api.errors import DatastoreUnavailable, InvalidArgument
+from server.api.validation import (
     MAX_SEED,
     GenerationRequest,
     RetrieveQuery,
@@ -212,11 +212,11 @@ def test_bounds_follow_the_configured_limits():
 
 
 def test_loop_fields_exist_on_loop_settings():
-    """GenerationRequest.loop_settings_kwargs() feeds server.generation.LoopSettings by name."""
+    """GenerationRequest.loop_settings_kwargs() feeds server.core.generation.LoopSettings by name."""
     import ast
     from pathlib import Path
 
-    source = (Path(__file__).parent.parent / "server" / "generation.py").read_text()
+    source = (Path(__file__).parent.parent / "server" / "core" / "generation.py").read_text()
     loop_settings = next(
         node for node in ast.walk(ast.parse(source))
         if isinstance(node, ast.ClassDef) and node.name == "LoopSettings"

@@ -1,0 +1,1 @@
+"""The `retroserve` command line: the entry point and the `generate` client command."""

@@ -1,0 +1,1 @@
+"""The generation core: the vLLM engine wrapper, the retrieval-during-decoding loop, context layouts, datastore hot swap, per-request context."""

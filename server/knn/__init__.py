@@ -1,0 +1,1 @@
+"""The kNN-LM model class and its speed techniques, loaded inside vLLM's engine processes (no gRPC code)."""
