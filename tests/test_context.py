@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from server.config import CONTEXT_LAYOUTS
 from server.core import context
 
 SEP = (9, 9)
@@ -63,7 +64,7 @@ def test_the_other_layouts_are_unchanged():
     assert after.token_ids == PROMPT + block(A, B) + generated
 
 
-@pytest.mark.parametrize("layout", context.LAYOUTS)
+@pytest.mark.parametrize("layout", CONTEXT_LAYOUTS)
 def test_a_context_never_exceeds_the_window_and_drops_the_oldest_text(layout):
     limit = 60
     built = context.build_context(PROMPT, list(range(100, 140)), [A, B], SEP, limit, layout=layout, prefix_ids=[7])

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
-from server.api import errors
+from server import errors
 from server.api.errors import ErrorInterceptor
 from server.observability.logging_setup import JsonFormatter, RequestIdFilter
 from server.observability.metrics import Metrics

@@ -10,7 +10,7 @@ import pytest
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
-from server.api.errors import DatastoreUnavailable, InvalidArgument
+from server.errors import DatastoreUnavailable, InvalidArgument
 from server.api.validation import (
     MAX_SEED,
     GenerationRequest,

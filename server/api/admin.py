@@ -10,7 +10,7 @@ from pathlib import Path
 
 from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
 from server.api import pb_convert
-from server.api.errors import DatastoreUnavailable
+from server.errors import DatastoreUnavailable
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

@@ -298,7 +298,7 @@ async def _watch_engine(running: RunningServer, config: ServerConfig) -> None:
     """If the engine process dies: health NOT_SERVING at once (within ENGINE_WATCH_INTERVAL_S),
     kept for ENGINE_DEAD_NOT_SERVING_S while the dead engine is cleaned up; then the port closes
     and the process exits with ENGINE_DEAD_EXIT_CODE so the orchestrator restarts it. Requests in
-    flight and new ones get UNAVAILABLE (server.api.errors.EngineDead)."""
+    flight and new ones get UNAVAILABLE (server.errors.EngineDead)."""
     while not running.stopped.is_set():
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
         if running.engine is not None and running.engine.errored:
@@ -343,7 +343,7 @@ def _reload_on_signal(running: RunningServer) -> None:
 
 
 async def _reload_and_log(running: RunningServer) -> None:
-    from server.api.errors import DatastoreRejected
+    from server.errors import DatastoreRejected
 
     try:
         swap = await running.reload_datastore()

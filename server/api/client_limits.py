@@ -20,7 +20,7 @@ from collections import Counter
 import grpc
 
 from server.api.auth import bearer_token, token_identity
-from server.api.errors import ClientOverLimit
+from server.errors import ClientOverLimit
 
 LIMITED_METHOD_PREFIX = "/retroserve.v1.Retroserve/"
 """The data-plane service; health, reflection and Admin are not counted."""

@@ -3,8 +3,9 @@
 Each RPC validates its request (server/api/validation.py) before any work starts, then generation
 requests pass an admission bound (`Limits.max_queue` admitted at once; more get
 RESOURCE_EXHAUSTED at once instead of queueing without bound). Exceptions are domain errors
-(server/api/errors.py); the interceptor turns them into status codes. A client that cancels, or whose
-deadline passes, cancels the handler task, which aborts the engine request (server/core/engine.py).
+(server/errors.py); the interceptor (server/api/errors.py) turns them into status codes. A client
+that cancels, or whose deadline passes, cancels the handler task, which aborts the engine request
+(server/core/engine.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from retriever import neighbour_pb
 from server.api import pb_convert
 from server.core import request_context
 from server.config import CHUNK_MODES, ServerConfig
-from server.api.errors import EngineDead, NotReady, Overloaded
+from server.errors import EngineDead, NotReady, Overloaded
 from server.core.generation import GenerationDelta, GenerationResult, Generator, LoopSettings, RetrievalEvent
 from server.api.validation import GenerationRequest, RetrieveQuery, TokenizeQuery, ValidationContext
 

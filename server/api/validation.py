@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
-from server.core import context as context_layout
-from server.config import Limits, RetrievalDefaults, modes_served
+from server.config import DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, Limits, RetrievalDefaults, modes_served
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
-from server.api.errors import DatastoreUnavailable, InvalidArgument
+from server.errors import DatastoreUnavailable, InvalidArgument
 
 MAX_SEED = 2**31 - 1
 """Seeds are in [0, 2**31 - 1]: the generation loop derives per-segment seeds modulo 2**31."""
@@ -97,10 +96,10 @@ class GenerationRequest:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = context_layout.DEFAULT_LAYOUT
+    layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
-    keep_rank_margin: int = context_layout.DEFAULT_KEEP_RANK_MARGIN
+    keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
     return_provenance: bool = False

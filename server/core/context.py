@@ -18,6 +18,9 @@ retrieval returns the same chunks in any order: the next span then continues the
 prompt plus its output, which is what one uninterrupted engine request would have computed. With a
 rank margin m > 0 it also keeps them while each is still among the new k + m nearest (a RaLMSpec-
 like trade: fewer re-layouts for neighbours that are slightly worse than the freshest ones).
+
+The layout names and the defaults (CONTEXT_LAYOUTS, DEFAULT_LAYOUT, DEFAULT_KEEP_RANK_MARGIN) are
+settings, so they live in server/config.py, which every part reads.
 """
 
 from __future__ import annotations
@@ -27,12 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-LAYOUTS = ("prepend", "suffix", "after_prompt")
-DEFAULT_LAYOUT = "prepend"
-"""Chosen on the dev half of the held-out Python docs: suffix cost +7.6% bits per byte there."""
-DEFAULT_KEEP_RANK_MARGIN = 6
-"""Keep the context's neighbours while each is among the new k + 6 nearest: chosen on the dev half
-(-0.6% [-1.6, +0.2] bits per byte vs margin 0; 30% of later spans continued the context there)."""
+from server.config import CONTEXT_LAYOUTS, DEFAULT_LAYOUT
+
 SUFFIX_REPEAT_TOKENS = 32
 """Suffix layout: how many of the latest text tokens follow the neighbour block again (the
 default query length: the text the neighbours were retrieved for)."""
@@ -91,8 +90,8 @@ def build_context(
     `prefix_ids` (e.g. a BOS token some models need) always comes first. When everything does not
     fit, the oldest prompt/output tokens are dropped first, then neighbours from the worst.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"{layout=} must be one of {LAYOUTS}")
+    if layout not in CONTEXT_LAYOUTS:
+        raise ValueError(f"{layout=} must be one of {CONTEXT_LAYOUTS}")
     neighbours = list(neighbours)
     text = list(prompt_ids) + list(generated_ids)
     budget = max_context_tokens - len(prefix_ids)

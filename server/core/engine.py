@@ -157,7 +157,7 @@ class Engine:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        from server.api.errors import EngineDead
+        from server.errors import EngineDead
 
         params = SamplingParams(
             max_tokens=sampling.max_tokens,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.core import context
-from server.config import CHUNK_MODES, KNN_MODES
+from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES
 from server.core.engine import Engine, SegmentSampling
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -107,10 +107,10 @@ class LoopSettings:
     neighbours: int = 2
     stride: int = 16
     query_tokens: int = 32
-    layout: str = context.DEFAULT_LAYOUT
+    layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous context when a retrieval returns the chunks already in it."""
-    keep_rank_margin: int = context.DEFAULT_KEEP_RANK_MARGIN
+    keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """Also continue it while those chunks are among the new k + this many nearest."""
     shard_policy: str = "partial"
     return_logprobs: bool = False

@@ -30,7 +30,7 @@ from pathlib import Path
 from datastore_tools.verify import verify_datastore
 from retriever.api import ServingRetrieval
 from retriever.datastore import DatastoreError, read_manifest
-from server.api.errors import DatastoreRejected
+from server.errors import DatastoreRejected
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from server.core import context
 from retriever.sparse import AUTO_SPARSE, METHODS as RETRIEVERS
-from server.config import CHUNK_MODES, KNN_MODES, RETRIEVAL_MODES
+from server.config import CHUNK_MODES, CONTEXT_LAYOUTS, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES, RETRIEVAL_MODES
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -512,7 +512,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                              "bm25 (the datastore's BM25 index: `retroserve datastore bm25 DIR` adds one) or "
                              f"fusion (reciprocal rank fusion of both); default {AUTO_SPARSE}, what the server's "
                              "auto serves from a datastore with a BM25 index")
-    parser.add_argument("--layout", nargs="+", default=[context.DEFAULT_LAYOUT], choices=context.LAYOUTS,
+    parser.add_argument("--layout", nargs="+", default=[DEFAULT_LAYOUT], choices=CONTEXT_LAYOUTS,
                         help="context layout (grid; server/core/context.py explains each): neighbours before the "
                              "document so far (prepend, the server's default); the document so far, then the "
                              "neighbours and its latest tokens again (suffix); or between it and the scored span")
@@ -521,7 +521,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the server's --no-keep-same-neighbours)")
     parser.add_argument("--suffix-repeat-tokens", type=int, nargs="+", default=[context.SUFFIX_REPEAT_TOKENS],
                         help="suffix layout: latest tokens repeated after the neighbours (grid)")
-    parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[context.DEFAULT_KEEP_RANK_MARGIN],
+    parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[DEFAULT_KEEP_RANK_MARGIN],
                         help="keep the context's neighbours while each is among the new k + M nearest (grid; "
                              "the server's --keep-rank-margin)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"))

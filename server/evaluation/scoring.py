@@ -38,7 +38,7 @@ from tqdm import tqdm
 from artefacts.tokenizer import document_start_ids
 from retriever.sparse import AUTO_SPARSE
 from server.core import context
-from server.config import CHUNK_MODES, KNN_MODES
+from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES
 from server.core.engine import Engine, SegmentSampling
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -96,10 +96,10 @@ class EvalSettings:
     retriever: str = AUTO_SPARSE
     """How chunks are ranked (retriever.sparse.METHODS): dense, bm25 or fusion; default: what the
     server's "auto" serves from a datastore with a BM25 index."""
-    layout: str = context.DEFAULT_LAYOUT
+    layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
-    keep_rank_margin: int = context.DEFAULT_KEEP_RANK_MARGIN
+    keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """... or while they are among the new k + this many nearest (RetrievalDefaults.keep_rank_margin)."""
     suffix_repeat_tokens: int = context.SUFFIX_REPEAT_TOKENS
     """Suffix layout: latest tokens repeated after the neighbours."""
@@ -124,9 +124,9 @@ class EvalSettings:
         knn = f"token λ={self.knn_lambda:g} k={self.knn_k} T={self.knn_temperature:g}{speed}"
         if self.mode == "token":
             return knn
-        layout = "" if self.layout == context.DEFAULT_LAYOUT else f" {self.layout}"
+        layout = "" if self.layout == DEFAULT_LAYOUT else f" {self.layout}"
         keep = (" relaid" if not self.keep_same_neighbours
-                else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin != context.DEFAULT_KEEP_RANK_MARGIN
+                else f" keep+{self.keep_rank_margin}" if self.keep_rank_margin != DEFAULT_KEEP_RANK_MARGIN
                 else "")
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"

@@ -1,1 +1,1 @@
-"""Model preparation and checks: download and quantize the served model, check the served engine against a reference."""
+"""Model preparation and checks: turn the shipped GGUF (or a user's model) into the served 4-bit checkpoint, and check the served engine against a reference."""
