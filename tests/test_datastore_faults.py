@@ -110,17 +110,10 @@ def test_a_build_killed_while_writing_its_key_resumes(corpus_dir, tokenizer_dir,
 
 def test_serve_with_a_bm25_retriever_refuses_a_datastore_without_its_index_before_loading_the_engine(
         prepared_model_dir, server_datastore, tmp_path, capsys):
-    import json
-
+    from datastore_copies import copy_without_bm25
     from server.cli import main as cli
 
-    copy = tmp_path / "dense-only"
-    shutil.copytree(server_datastore, copy)
-    shutil.rmtree(copy / "bm25")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["sparse"]
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("bm25/")}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_without_bm25(server_datastore, tmp_path / "dense-only")
     started = time.monotonic()
     code = cli.main(["serve", "--model-dir", str(prepared_model_dir), "--datastore-dir", str(copy),
                      "--retriever", "bm25", "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"])

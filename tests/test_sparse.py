@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
+from datastore_copies import copy_without_bm25
 
 from retriever import sparse
 from retriever.datastore import Datastore, DatastoreError
@@ -136,14 +136,8 @@ def test_bm25_on_a_datastore_without_its_index_names_the_command_that_adds_it(bm
     from datastore_tools.cli import main as datastore_main
     from datastore_tools.verify import verify_datastore
 
-    copy = tmp_path / "copy"
-    shutil.copytree(bm25_datastore, copy)
+    copy = copy_without_bm25(bm25_datastore, tmp_path / "copy")
     manifest = json.loads((copy / "manifest.json").read_text())
-    # as built with --no-bm25 (or before BM25 existed)
-    shutil.rmtree(copy / "bm25")
-    del manifest["sparse"]
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("bm25/")}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
     assert verify_datastore(copy) == []
     with pytest.raises(DatastoreError, match=r"no BM25 index.*retroserve datastore bm25"):
         Datastore.open(copy, device="cpu", method="fusion")
@@ -170,11 +164,7 @@ def test_auto_serves_bm25_where_the_datastore_has_its_index_and_dense_where_not(
     assert sparse.resolve("auto", False) == "dense" and sparse.resolve("fusion", True) == "fusion"
     with Datastore.open(bm25_datastore, device="cpu", method="auto") as datastore:
         assert datastore.method == "bm25"
-    copy = tmp_path / "dense-only"
-    shutil.copytree(bm25_datastore, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["sparse"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_without_bm25(bm25_datastore, tmp_path / "dense-only")
     with Datastore.open(copy, device="cpu", method="auto") as datastore:
         assert datastore.method == "dense" and datastore.sparse is None
 
@@ -214,12 +204,7 @@ def test_the_default_datastore_built_before_bm25_gets_its_index_on_server_start(
     monkeypatch.setenv("RETROSERVE_HOME", str(tmp_path / "home"))
     for target in (paths.default_datastore_dir(), tmp_path / "elsewhere"):
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(bm25_datastore, target)
-        shutil.rmtree(target / "bm25")
-        manifest = json.loads((target / "manifest.json").read_text())
-        del manifest["sparse"]
-        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("bm25/")}
-        (target / "manifest.json").write_text(json.dumps(manifest))
+        copy_without_bm25(bm25_datastore, target)
         ensure_default_datastore(target, tmp_path / "unused-model")
     default = json.loads((paths.default_datastore_dir() / "manifest.json").read_text())
     assert default["sparse"]["bm25"]["chunks"] == default["counts"]["chunks"]
