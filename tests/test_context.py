@@ -121,3 +121,26 @@ def test_a_rank_margin_keeps_neighbours_that_are_still_among_the_new_candidates(
     assert kept.continued and kept.neighbour_ids == first.neighbour_ids
     dropped = context.next_context(first, output, PROMPT, output, [C, A], SEP, 2048, candidates=[C, A, D])
     assert not dropped.continued and set(dropped.neighbour_ids) == {3, 1}
+
+
+@pytest.mark.parametrize("tokens", [4, 6, 9])
+def test_shorter_neighbours_keep_the_last_tokens_of_each_chunk_and_continuation(tokens):
+    """neighbour_tokens N: each neighbour contributes the last N of [chunk, continuation] (N = the
+    continuation's length: the continuation alone), worst first, each followed by the separator."""
+    built = context.build_context(PROMPT, [500], [A, B], SEP, 2048, layout="prepend", neighbour_tokens=tokens)
+    whole = {n.chunk_id: list(n.chunk_tokens) + list(n.continuation_tokens) for n in (A, B)}
+    expected = whole[2][-tokens:] + list(SEP) + whole[1][-tokens:] + list(SEP)
+    assert built.token_ids == expected + PROMPT + [500]
+    assert built.neighbour_tokens == 2 * (tokens + len(SEP)) and built.neighbour_ids == (2, 1)
+    if tokens == len(A.continuation_tokens):
+        assert expected[:tokens] == list(B.continuation_tokens)
+    # 0 (the default) places them whole; a neighbour shorter than N is placed whole
+    assert context.neighbour_block([A], SEP, 0) == block(A) == context.neighbour_block([A], SEP, 1000)
+
+
+def test_continuing_a_context_keeps_its_shorter_neighbours():
+    first = context.next_context(None, [], PROMPT, [], [A, B], SEP, 2048, neighbour_tokens=4)
+    again = context.next_context(first, [500, 501], PROMPT, [500, 501], [B, A], SEP, 2048, neighbour_tokens=4)
+    assert again.continued and again.token_ids == first.token_ids + [500, 501]
+    assert again.token_ids == context.build_context(PROMPT, [500, 501], [A, B], SEP, 2048,
+                                                    neighbour_tokens=4).token_ids

@@ -332,3 +332,11 @@ def test_eval_retriever_grid_scores_each_ranking_method_and_names_it():
     assert "fusion" in chunk[2].label() and "dense" not in chunk[0].label()  # dense is unnamed, as before BM25
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--retriever", "tfidf"])
+
+
+def test_eval_neighbour_tokens_grid_names_the_shorter_neighbours():
+    args = build_parser().parse_args(["eval", "run", "--heldout", "x.rst", "--datastore", "d",
+                                      "--neighbour-tokens", "0", "64"])
+    chunk = [s for s in eval_cli.settings_grid(args) if s.mode == "chunk"]
+    assert [s.neighbour_tokens for s in chunk] == [0, 64]
+    assert "last64" in chunk[1].label() and "last" not in chunk[0].label()

@@ -269,6 +269,34 @@ def test_a_server_with_a_sparse_retriever_places_its_ranking_in_the_context(serv
         running.stop(1)
 
 
+def test_a_server_with_shorter_neighbours_prefills_only_their_last_tokens(server, client, prepared_model_dir,
+                                                                         server_datastore):
+    """--neighbour-tokens N: the same retrieval costs the engine exactly the tokens cut from each
+    neighbour fewer prompt tokens, and Info reports N."""
+    import dataclasses
+
+    from loopback import second_server
+
+    config = server_config(prepared_model_dir, server_datastore)
+    config.retrieval = dataclasses.replace(config.retrieval, neighbour_tokens=24)
+    running = second_server(server, config)
+    request = dict(mode="chunk", neighbours=2, stride=8, max_new_tokens=8, return_provenance=True, keep_rank_margin=0)
+    try:
+        with RetroserveClient(running.address, timeout=120) as short_client:
+            assert short_client.info().retrieval_defaults.neighbour_tokens == 24
+            short = short_client.generate(PROMPT, **request)
+    finally:
+        running.stop(1)
+    whole = client.generate(PROMPT, **request)
+    ids = [n.chunk_id for n in whole.retrievals[0].neighbours]
+    assert ids == [n.chunk_id for n in short.retrievals[0].neighbours] and len(ids) == 2
+    lengths = [len(n.chunk_tokens) + len(n.continuation_tokens)
+               for n in server.running.retrieval.datastore.get_chunks(ids)]
+    cut = sum(length - min(length, 24) for length in lengths)
+    assert cut > 0
+    assert whole.prefix_cache.engine_prompt_tokens - short.prefix_cache.engine_prompt_tokens == cut
+
+
 def test_a_rank_margin_reports_the_kept_neighbours_among_each_query_candidates(server, client):
     """With keep_rank_margin M a span may keep earlier neighbours: provenance then names those,
     each among the exact k + M nearest of that span's query, with that query's scores."""

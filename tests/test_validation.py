@@ -262,3 +262,9 @@ def test_tokenize():
     with pytest.raises(InvalidArgument) as info:
         TokenizeQuery.from_pb(pb.TokenizeRequest(text="x" * (LIMITS.max_tokenize_chars + 1)), CONTEXT)
     assert f"at most {LIMITS.max_tokenize_chars} are allowed" in str(info.value)
+
+
+def test_server_wide_neighbour_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="neighbour_tokens"):
+        RetrievalDefaults(neighbour_tokens=-1)
+    assert RetrievalDefaults(neighbour_tokens=64).neighbour_tokens == 64

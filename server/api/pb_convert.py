@@ -47,6 +47,7 @@ def retrieval_defaults_to_pb(defaults: RetrievalDefaults, available_modes: tuple
         keep_same_neighbours=defaults.keep_same_neighbours,
         keep_rank_margin=defaults.keep_rank_margin,
         retriever=retriever or defaults.retriever,
+        neighbour_tokens=defaults.neighbour_tokens,
     )
 
 

@@ -99,6 +99,8 @@ class GenerationRequest:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
+    neighbour_tokens: int = 0
+    """Server-wide (RetrievalDefaults.neighbour_tokens), not a request field."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
@@ -117,7 +119,7 @@ class GenerationRequest:
     LOOP_FIELDS = (
         "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
         "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
-        "query_tokens", "layout", "keep_same_neighbours", "keep_rank_margin", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
+        "query_tokens", "layout", "keep_same_neighbours", "neighbour_tokens", "keep_rank_margin", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
         "knn_temperature", "knn_skip_above_prob", "knn_pointer_min",
     )
 
@@ -239,6 +241,7 @@ class GenerationRequest:
             query_tokens=query_tokens,
             layout=layout,
             keep_same_neighbours=defaults.keep_same_neighbours,
+            neighbour_tokens=defaults.neighbour_tokens,
             keep_rank_margin=keep_rank_margin,
             shard_policy=shard_policy,
             return_provenance=retrieval.return_provenance,

@@ -65,12 +65,15 @@ class BuiltContext:
     """True when this is the previous span's context plus its output (same neighbours)."""
 
 
-def neighbour_block(neighbours: Sequence[NeighbourTokens], separator: Sequence[int]) -> list[int]:
-    """[chunk, continuation] of each neighbour, worst first, each followed by the separator."""
+def neighbour_block(neighbours: Sequence[NeighbourTokens], separator: Sequence[int],
+                    neighbour_tokens: int = 0) -> list[int]:
+    """[chunk, continuation] of each neighbour, worst first, each followed by the separator;
+    `neighbour_tokens` > 0 keeps only the last that many tokens of each (64: the continuation alone,
+    the text that followed the matched chunk), so a new neighbour set costs fewer prompt tokens."""
     block: list[int] = []
     for neighbour in reversed(list(neighbours)):
-        block.extend(neighbour.chunk_tokens)
-        block.extend(neighbour.continuation_tokens)
+        tokens = list(neighbour.chunk_tokens) + list(neighbour.continuation_tokens)
+        block.extend(tokens[-neighbour_tokens:] if neighbour_tokens else tokens)
         block.extend(separator)
     return block
 
@@ -84,6 +87,7 @@ def build_context(
     layout: str = DEFAULT_LAYOUT,
     prefix_ids: Sequence[int] = (),
     repeat_tokens: int = SUFFIX_REPEAT_TOKENS,
+    neighbour_tokens: int = 0,
 ) -> BuiltContext:
     """Token ids for the engine, at most `max_context_tokens` long.
 
@@ -95,11 +99,11 @@ def build_context(
     neighbours = list(neighbours)
     text = list(prompt_ids) + list(generated_ids)
     budget = max_context_tokens - len(prefix_ids)
-    block = neighbour_block(neighbours, separator)
+    block = neighbour_block(neighbours, separator, neighbour_tokens)
     # Keep at least half the window for the text itself; drop worst neighbours beyond that.
     while neighbours and len(block) > budget // 2:
         neighbours = neighbours[:-1]
-        block = neighbour_block(neighbours, separator)
+        block = neighbour_block(neighbours, separator, neighbour_tokens)
     repeat = min(repeat_tokens, len(text), max(0, budget - len(block))) if layout == "suffix" and block else 0
     keep = max(0, budget - len(block) - repeat)
     dropped = max(0, len(text) - keep)

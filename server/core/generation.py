@@ -110,6 +110,8 @@ class LoopSettings:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous context when a retrieval returns the chunks already in it."""
+    neighbour_tokens: int = 0
+    """Tokens of each neighbour in the context (0: all; context.neighbour_block)."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """Also continue it while those chunks are among the new k + this many nearest."""
     shard_policy: str = "partial"
@@ -217,6 +219,7 @@ class Generator:
                 layout=settings.layout,
                 keep_same_neighbours=settings.keep_same_neighbours,
                 candidates=candidates,
+                neighbour_tokens=settings.neighbour_tokens,
             )
             if use_retrieval:
                 # Provenance names the neighbours in the context, as this retrieval found them (a

@@ -33,12 +33,14 @@ def settings_ablations(args) -> list[tuple[str, object, EvalSettings]]:
     """(factor, value, settings) for the base and each one-factor change of k, stride, query."""
     base = EvalSettings(mode="chunk", neighbours=args.k[0], stride=args.stride[0],
                         query_tokens=args.query_tokens[0], retriever=args.retriever[0], layout=args.layout[0],
+                        neighbour_tokens=args.neighbour_tokens[0],
                         keep_same_neighbours=args.keep_same_neighbours, keep_rank_margin=args.keep_rank_margin[0],
                         suffix_repeat_tokens=args.suffix_repeat_tokens[0])
     rows = [("base", None, base)]
     rows += [("k", k, replace(base, neighbours=k)) for k in args.k[1:]]
     rows += [("stride", s, replace(base, stride=s)) for s in args.stride[1:]]
     rows += [("retriever", r, replace(base, retriever=r)) for r in args.retriever[1:]]
+    rows += [("neighbour_tokens", n, replace(base, neighbour_tokens=n)) for n in args.neighbour_tokens[1:]]
     rows += [("query_tokens", q, replace(base, query_tokens=q)) for q in args.query_tokens[1:]]
     return rows
 

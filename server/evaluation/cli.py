@@ -123,12 +123,14 @@ def settings_grid(args) -> list:
     from server.evaluation.scoring import EvalSettings
 
     grid = [EvalSettings(mode="none")]
-    for retriever, k, stride, query, layout, margin, repeat in itertools.product(
-            getattr(args, "retriever", None) or [AUTO_SPARSE], args.k, args.stride, args.query_tokens, args.layout,
+    for retriever, tokens, k, stride, query, layout, margin, repeat in itertools.product(
+            getattr(args, "retriever", None) or [AUTO_SPARSE], getattr(args, "neighbour_tokens", None) or [0],
+            args.k, args.stride, args.query_tokens, args.layout,
             args.keep_rank_margin, args.suffix_repeat_tokens):
         if layout != "suffix" and repeat != args.suffix_repeat_tokens[0]:
             continue  # the repeated tail exists only in the suffix layout
         grid.append(EvalSettings(mode="chunk", neighbours=k, stride=stride, query_tokens=query, retriever=retriever,
+                                 neighbour_tokens=tokens,
                                  layout=layout, keep_same_neighbours=args.keep_same_neighbours,
                                  keep_rank_margin=margin, suffix_repeat_tokens=repeat))
     chunk_grid = grid[1:]
@@ -521,6 +523,9 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the server's --no-keep-same-neighbours)")
     parser.add_argument("--suffix-repeat-tokens", type=int, nargs="+", default=[context.SUFFIX_REPEAT_TOKENS],
                         help="suffix layout: latest tokens repeated after the neighbours (grid)")
+    parser.add_argument("--neighbour-tokens", type=int, nargs="+", default=[0],
+                        help="tokens of each neighbour in the context (grid; the server's --neighbour-tokens): "
+                             "0 the whole [chunk, continuation], N its last N (64: the continuation alone)")
     parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[DEFAULT_KEEP_RANK_MARGIN],
                         help="keep the context's neighbours while each is among the new k + M nearest (grid; "
                              "the server's --keep-rank-margin)")

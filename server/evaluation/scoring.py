@@ -99,6 +99,8 @@ class EvalSettings:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
+    neighbour_tokens: int = 0
+    """Tokens of each neighbour in the context (0: all; RetrievalDefaults.neighbour_tokens)."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """... or while they are among the new k + this many nearest (RetrievalDefaults.keep_rank_margin)."""
     suffix_repeat_tokens: int = context.SUFFIX_REPEAT_TOKENS
@@ -131,6 +133,7 @@ class EvalSettings:
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"
         retriever = "" if self.retriever == "dense" else f" {self.retriever}"  # results before BM25 were dense
+        retriever += f" last{self.neighbour_tokens}" if self.neighbour_tokens else ""
         chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{retriever}{layout}{keep}"
         return chunk if self.mode == "chunk" else f"hybrid: {chunk} + {knn}"
 
@@ -378,6 +381,7 @@ class Evaluator:
                 self.engine.max_model_len - (span.end - span.start) - 1, layout=settings.layout,
                 prefix_ids=self.start_ids, keep_same_neighbours=settings.keep_same_neighbours,
                 candidates=span.candidates, repeat_tokens=settings.suffix_repeat_tokens,
+                neighbour_tokens=settings.neighbour_tokens,
             ))
             if contexts[-1].continued and settings.keep_rank_margin:
                 span.neighbours = previous.neighbours  # the ones its context holds

@@ -417,7 +417,7 @@ class LimitsInfo(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_chars: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_time_limit_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_top_k: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., max_tokenize_chars: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ...) -> None: ...
 
 class RetrievalDefaultsInfo(_message.Message):
-    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min", "keep_same_neighbours", "keep_rank_margin", "retriever")
+    __slots__ = ("mode", "neighbours", "max_neighbours", "stride", "min_stride", "max_stride", "query_tokens", "max_query_tokens", "layout", "available_modes", "shard_policy", "knn_lambda", "knn_k", "max_knn_k", "knn_temperature", "knn_skip_above_prob", "knn_pointer_min", "keep_same_neighbours", "keep_rank_margin", "retriever", "neighbour_tokens")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +438,7 @@ class RetrievalDefaultsInfo(_message.Message):
     KEEP_SAME_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     KEEP_RANK_MARGIN_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOUR_TOKENS_FIELD_NUMBER: _ClassVar[int]
     mode: RetrievalMode
     neighbours: int
     max_neighbours: int
@@ -458,7 +459,8 @@ class RetrievalDefaultsInfo(_message.Message):
     keep_same_neighbours: bool
     keep_rank_margin: int
     retriever: str
-    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ..., keep_same_neighbours: _Optional[bool] = ..., keep_rank_margin: _Optional[int] = ..., retriever: _Optional[str] = ...) -> None: ...
+    neighbour_tokens: int
+    def __init__(self, mode: _Optional[_Union[RetrievalMode, str]] = ..., neighbours: _Optional[int] = ..., max_neighbours: _Optional[int] = ..., stride: _Optional[int] = ..., min_stride: _Optional[int] = ..., max_stride: _Optional[int] = ..., query_tokens: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., layout: _Optional[_Union[ContextLayout, str]] = ..., available_modes: _Optional[_Iterable[_Union[RetrievalMode, str]]] = ..., shard_policy: _Optional[_Union[ShardPolicy, str]] = ..., knn_lambda: _Optional[float] = ..., knn_k: _Optional[int] = ..., max_knn_k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., knn_skip_above_prob: _Optional[float] = ..., knn_pointer_min: _Optional[int] = ..., keep_same_neighbours: _Optional[bool] = ..., keep_rank_margin: _Optional[int] = ..., retriever: _Optional[str] = ..., neighbour_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "datastore", "limits", "retrieval_defaults", "version", "token_datastore")
