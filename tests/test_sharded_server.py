@@ -57,6 +57,21 @@ def sharded(server, prepared_model_dir, server_datastore, shard_set):
     running.stop(1.0)
 
 
+@pytest.fixture(scope="module")
+def dense_local(server, prepared_model_dir, server_datastore):
+    """The unsharded server to compare with: shards are searched dense (retriever/sparse.py), so it
+    ranks dense too (the session server's `auto` serves BM25 from this datastore)."""
+    import dataclasses
+
+    from loopback import second_server
+
+    config = server_config(prepared_model_dir, server_datastore)
+    config.retrieval = dataclasses.replace(config.retrieval, retriever="dense")
+    running = second_server(server, config)
+    yield running
+    running.stop(1.0)
+
+
 def scrape(port: int) -> dict[tuple, float]:
     """{(sample name, sorted label items): value} from one scrape."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -77,11 +92,13 @@ def test_sharded_server_describes_its_shards(server, sharded, shard_set):
     assert info.datastore.document_count == local_info.datastore.document_count
     assert info.datastore.name == local_info.datastore.name and info.datastore.index_factory == "Flat"
     assert info.retrieval_defaults.shard_policy == pb.SHARD_POLICY_PARTIAL
+    assert info.retrieval_defaults.retriever == "dense"  # shards search FAISS only
+    assert local_info.retrieval_defaults.retriever == "bm25"  # auto, the datastore has a BM25 index
 
 
-def test_retrieve_and_generation_equal_the_unsharded_server(server, sharded):
+def test_retrieve_and_generation_equal_the_unsharded_server(dense_local, sharded):
     with RetroserveClient(sharded.address, timeout=WAIT_S) as client, \
-            RetroserveClient(server.address, timeout=WAIT_S) as local:
+            RetroserveClient(dense_local.address, timeout=WAIT_S) as local:
         for query in QUERIES:
             got, want = client.retrieve(query, neighbours=16), local.retrieve(query, neighbours=16)
             assert list(got.neighbours) == list(want.neighbours)  # ids, scores, texts, sources
@@ -95,13 +112,13 @@ def test_retrieve_and_generation_equal_the_unsharded_server(server, sharded):
     assert all(not r.missing_shards for r in got.retrievals)
 
 
-def test_a_killed_shard_gives_the_requests_policy_within_the_deadline(server, sharded, shard_set):
+def test_a_killed_shard_gives_the_requests_policy_within_the_deadline(dense_local, sharded, shard_set):
     """Runs after the equality tests (file order): it kills shard 1 and hangs shard 2."""
     output, processes = shard_set
     first, end = read_manifest(shard_dir(output, 1))["shard"]["chunk_ids"]
     processes[1].kill()
     with RetroserveClient(sharded.address, timeout=WAIT_S) as client, \
-            RetroserveClient(server.address, timeout=WAIT_S) as local:
+            RetroserveClient(dense_local.address, timeout=WAIT_S) as local:
         query = "assert raises AssertionError when the expression is false"
         started = time.perf_counter()
         partial = client.retrieve(query, neighbours=4)
