@@ -127,8 +127,9 @@ class RetrievalDefaults:
     previous context instead of laying it out again, so the engine computes no prompt tokens anew."""
     neighbour_tokens: int = 0
     """Tokens of each neighbour placed in the context: 0 the whole [chunk, continuation] (128 with
-    64-token chunks), N > 0 its last N (64: the continuation alone). Fewer tokens make each new
-    neighbour set cheaper to prefill (README, "Shorter neighbours")."""
+    64-token chunks), N > 0 its last N (64: the continuation alone), N < 0 its first -N (-64: the
+    matched chunk alone). Fewer tokens make each new neighbour set cheaper to prefill (README,
+    "Shorter neighbours")."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """With keep_same_neighbours, for requests that leave retrieval.keep_rank_margin unset: also
     keep the neighbours in the context while each of them is still among a new retrieval's k +
@@ -166,8 +167,6 @@ class RetrievalDefaults:
             raise ValueError(f"{self.neighbours=} must be in [1, {self.max_neighbours=}]")
         if not self.min_stride <= self.stride <= self.max_stride:
             raise ValueError(f"{self.stride=} must be in [{self.min_stride=}, {self.max_stride=}]")
-        if self.neighbour_tokens < 0:
-            raise ValueError(f"{self.neighbour_tokens=} must be >= 0 (0: whole neighbours)")
         if not 0 <= self.keep_rank_margin <= self.max_neighbours:
             raise ValueError(f"{self.keep_rank_margin=} must be in [0, {self.max_neighbours=}]")
         if not 1 <= self.query_tokens <= self.max_query_tokens:

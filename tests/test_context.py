@@ -138,6 +138,14 @@ def test_shorter_neighbours_keep_the_last_tokens_of_each_chunk_and_continuation(
     assert context.neighbour_block([A], SEP, 0) == block(A) == context.neighbour_block([A], SEP, 1000)
 
 
+@pytest.mark.parametrize("tokens", [4, 6, 9])
+def test_negative_neighbour_tokens_keep_the_first_tokens_the_matched_chunk(tokens):
+    whole = list(A.chunk_tokens) + list(A.continuation_tokens)
+    assert context.neighbour_block([A], SEP, -tokens) == whole[:tokens] + list(SEP)
+    if tokens == len(A.chunk_tokens):
+        assert context.neighbour_block([A], SEP, -tokens)[:tokens] == list(A.chunk_tokens)
+
+
 def test_continuing_a_context_keeps_its_shorter_neighbours():
     first = context.next_context(None, [], PROMPT, [], [A, B], SEP, 2048, neighbour_tokens=4)
     again = context.next_context(first, [500, 501], PROMPT, [500, 501], [B, A], SEP, 2048, neighbour_tokens=4)

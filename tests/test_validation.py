@@ -264,7 +264,9 @@ def test_tokenize():
     assert f"at most {LIMITS.max_tokenize_chars} are allowed" in str(info.value)
 
 
-def test_server_wide_neighbour_tokens_must_not_be_negative():
-    with pytest.raises(ValueError, match="neighbour_tokens"):
-        RetrievalDefaults(neighbour_tokens=-1)
-    assert RetrievalDefaults(neighbour_tokens=64).neighbour_tokens == 64
+def test_server_wide_neighbour_tokens_reach_info_with_their_sign():
+    from server.api import pb_convert
+
+    for tokens in (64, -64):
+        info = pb_convert.retrieval_defaults_to_pb(RetrievalDefaults(neighbour_tokens=tokens), ("none", "chunk"))
+        assert info.neighbour_tokens == tokens

@@ -100,7 +100,8 @@ class GenerationRequest:
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
     neighbour_tokens: int = 0
-    """Server-wide (RetrievalDefaults.neighbour_tokens), not a request field."""
+    """Server-wide (RetrievalDefaults.neighbour_tokens), not a request field: 0 whole neighbours,
+    N > 0 the last N tokens of each, N < 0 the first -N."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     shard_policy: str = "partial"
     """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""

@@ -67,13 +67,18 @@ class BuiltContext:
 
 def neighbour_block(neighbours: Sequence[NeighbourTokens], separator: Sequence[int],
                     neighbour_tokens: int = 0) -> list[int]:
-    """[chunk, continuation] of each neighbour, worst first, each followed by the separator;
-    `neighbour_tokens` > 0 keeps only the last that many tokens of each (64: the continuation alone,
-    the text that followed the matched chunk), so a new neighbour set costs fewer prompt tokens."""
+    """[chunk, continuation] of each neighbour, worst first, each followed by the separator.
+    `neighbour_tokens` N keeps part of each, so a new neighbour set costs fewer prompt tokens:
+    N > 0 its last N tokens (64: the continuation alone), N < 0 its first -N (-64: the matched
+    chunk alone), 0 all of it."""
     block: list[int] = []
     for neighbour in reversed(list(neighbours)):
         tokens = list(neighbour.chunk_tokens) + list(neighbour.continuation_tokens)
-        block.extend(tokens[-neighbour_tokens:] if neighbour_tokens else tokens)
+        if neighbour_tokens > 0:
+            tokens = tokens[-neighbour_tokens:]
+        elif neighbour_tokens < 0:
+            tokens = tokens[:-neighbour_tokens]
+        block.extend(tokens)
         block.extend(separator)
     return block
 

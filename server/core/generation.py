@@ -111,7 +111,7 @@ class LoopSettings:
     keep_same_neighbours: bool = True
     """Continue the previous context when a retrieval returns the chunks already in it."""
     neighbour_tokens: int = 0
-    """Tokens of each neighbour in the context (0: all; context.neighbour_block)."""
+    """Part of each neighbour in the context (0: all; context.neighbour_block)."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """Also continue it while those chunks are among the new k + this many nearest."""
     shard_policy: str = "partial"

@@ -525,7 +525,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                         help="suffix layout: latest tokens repeated after the neighbours (grid)")
     parser.add_argument("--neighbour-tokens", type=int, nargs="+", default=[0],
                         help="tokens of each neighbour in the context (grid; the server's --neighbour-tokens): "
-                             "0 the whole [chunk, continuation], N its last N (64: the continuation alone)")
+                             "0 the whole [chunk, continuation], N > 0 its last N (64: the continuation alone), "
+                             "N < 0 its first -N (-64: the matched chunk alone)")
     parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[DEFAULT_KEEP_RANK_MARGIN],
                         help="keep the context's neighbours while each is among the new k + M nearest (grid; "
                              "the server's --keep-rank-margin)")

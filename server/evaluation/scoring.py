@@ -133,7 +133,9 @@ class EvalSettings:
         if self.layout == "suffix" and self.suffix_repeat_tokens != context.SUFFIX_REPEAT_TOKENS:
             keep += f" repeat={self.suffix_repeat_tokens}"
         retriever = "" if self.retriever == "dense" else f" {self.retriever}"  # results before BM25 were dense
-        retriever += f" last{self.neighbour_tokens}" if self.neighbour_tokens else ""
+        if self.neighbour_tokens:
+            retriever += (f" last{self.neighbour_tokens}" if self.neighbour_tokens > 0
+                          else f" first{-self.neighbour_tokens}")
         chunk = f"chunk k={self.neighbours} stride={self.stride} query={self.query_tokens}{retriever}{layout}{keep}"
         return chunk if self.mode == "chunk" else f"hybrid: {chunk} + {knn}"
 
