@@ -143,7 +143,8 @@ def test_eval_run_and_sweep_commands_write_results_and_plots(server, corpus_dir,
                               "--max-doc-chars", "500", "--output-dir", str(tmp_path / "ablate")])
     payload = server.call(eval_cli.run_async(args, engine=server.running.engine), timeout=600)
     labels = [row["label"] for row in payload["rows"]]
-    assert labels == ["model alone", "chunk k=2 stride=16 query=32 bm25", "chunk k=2 stride=32 query=32 bm25"]
+    assert labels == ["model alone", "chunk k=2 stride=16 query=32 bm25 first96",
+                      "chunk k=2 stride=32 query=32 bm25 first96"]
     assert 0.0 <= payload["overlap"]["overlap"] <= 1.0
 
     args = parser.parse_args(["eval", "ablate", "--split", str(split_path), "--datastore",

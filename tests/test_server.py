@@ -271,11 +271,13 @@ def test_a_server_with_a_sparse_retriever_places_its_ranking_in_the_context(serv
 
 def test_a_server_with_shorter_neighbours_prefills_only_their_last_tokens(server, client, prepared_model_dir,
                                                                          server_datastore):
-    """--neighbour-tokens N: the same retrieval costs the engine exactly the tokens cut from each
-    neighbour fewer prompt tokens, and Info reports N."""
+    """--neighbour-tokens N: the same retrieval costs the engine exactly the tokens of each
+    neighbour that N leaves out against the session server's default, and Info reports N."""
     import dataclasses
 
     from loopback import second_server
+
+    from server.core import context
 
     config = server_config(prepared_model_dir, server_datastore)
     config.retrieval = dataclasses.replace(config.retrieval, neighbour_tokens=24)
@@ -290,9 +292,12 @@ def test_a_server_with_shorter_neighbours_prefills_only_their_last_tokens(server
     whole = client.generate(PROMPT, **request)
     ids = [n.chunk_id for n in whole.retrievals[0].neighbours]
     assert ids == [n.chunk_id for n in short.retrievals[0].neighbours] and len(ids) == 2
-    lengths = [len(n.chunk_tokens) + len(n.continuation_tokens)
-               for n in server.running.retrieval.datastore.get_chunks(ids)]
-    cut = sum(length - min(length, 24) for length in lengths)
+    chunks = server.running.retrieval.datastore.get_chunks(ids)
+
+    def placed(neighbour_tokens: int) -> int:
+        return len(context.neighbour_block(chunks, (), neighbour_tokens))
+
+    cut = placed(client.info().retrieval_defaults.neighbour_tokens) - placed(24)
     assert cut > 0
     assert whole.prefix_cache.engine_prompt_tokens - short.prefix_cache.engine_prompt_tokens == cut
 
@@ -305,9 +310,11 @@ def test_a_rank_margin_reports_the_kept_neighbours_among_each_query_candidates(s
     assert reply.prefix_cache.continued_segments > 0
     datastore = server.running.retrieval.datastore
     exact = datastore.search_texts([r.query_text for r in reply.retrievals], 2 + 6)
+    assert any(len(retrieval.neighbours) == 2 for retrieval in reply.retrievals)
     for retrieval, candidates in zip(reply.retrievals, exact):
         scores = {n.chunk_id: n.score for n in candidates}
-        assert len(retrieval.neighbours) == 2
+        # BM25 finds no neighbour for a query that shares no word with the datastore (" 3.14\n**").
+        assert len(retrieval.neighbours) == min(2, len(candidates))
         for neighbour in retrieval.neighbours:
             assert neighbour.score == pytest.approx(scores[neighbour.chunk_id], abs=1e-4)
 
@@ -396,13 +403,15 @@ def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_requ
     first context computes, and recomputes almost no prompt token."""
     from server.core import context
     from server.core.engine import SegmentSampling
+    from server.core.generation import LoopSettings
 
     found = server.running.retrieval.datastore.search_texts([PROMPT], 2)[0]
     kept = run_loop(server, FixedNeighbours(found, found[::-1]), layout=layout)
     assert kept.continued_segments == len(kept.retrievals) - 1 == 3
     engine = server.running.engine
     first = context.build_context(engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"], [], found,
-                                  context.separator_ids(engine.tokenizer), engine.max_model_len - 24, layout=layout)
+                                  context.separator_ids(engine.tokenizer), engine.max_model_len - 24, layout=layout,
+                                  neighbour_tokens=LoopSettings.neighbour_tokens)
 
     async def uninterrupted():
         tokens = []

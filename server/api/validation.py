@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
-from server.config import DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, Limits, RetrievalDefaults, modes_served
+from server.config import DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, Limits, RetrievalDefaults, modes_served
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
 from server.errors import DatastoreUnavailable, InvalidArgument
 
@@ -99,7 +99,7 @@ class GenerationRequest:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
-    neighbour_tokens: int = 0
+    neighbour_tokens: int = DEFAULT_NEIGHBOUR_TOKENS
     """Server-wide (RetrievalDefaults.neighbour_tokens), not a request field: 0 whole neighbours,
     N > 0 the last N tokens of each, N < 0 the first -N."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.core import context
-from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES
+from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES
 from server.core.engine import Engine, SegmentSampling
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -110,7 +110,7 @@ class LoopSettings:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous context when a retrieval returns the chunks already in it."""
-    neighbour_tokens: int = 0
+    neighbour_tokens: int = DEFAULT_NEIGHBOUR_TOKENS
     """Part of each neighbour in the context (0: all; context.neighbour_block)."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """Also continue it while those chunks are among the new k + this many nearest."""

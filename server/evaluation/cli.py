@@ -28,7 +28,7 @@ from pathlib import Path
 
 from server.core import context
 from retriever.sparse import AUTO_SPARSE, METHODS as RETRIEVERS
-from server.config import CHUNK_MODES, CONTEXT_LAYOUTS, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES, RETRIEVAL_MODES
+from server.config import CHUNK_MODES, CONTEXT_LAYOUTS, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES, RETRIEVAL_MODES
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def settings_grid(args) -> list:
 
     grid = [EvalSettings(mode="none")]
     for retriever, tokens, k, stride, query, layout, margin, repeat in itertools.product(
-            getattr(args, "retriever", None) or [AUTO_SPARSE], getattr(args, "neighbour_tokens", None) or [0],
+            getattr(args, "retriever", None) or [AUTO_SPARSE], getattr(args, "neighbour_tokens", None) or [DEFAULT_NEIGHBOUR_TOKENS],
             args.k, args.stride, args.query_tokens, args.layout,
             args.keep_rank_margin, args.suffix_repeat_tokens):
         if layout != "suffix" and repeat != args.suffix_repeat_tokens[0]:
@@ -523,10 +523,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the server's --no-keep-same-neighbours)")
     parser.add_argument("--suffix-repeat-tokens", type=int, nargs="+", default=[context.SUFFIX_REPEAT_TOKENS],
                         help="suffix layout: latest tokens repeated after the neighbours (grid)")
-    parser.add_argument("--neighbour-tokens", type=int, nargs="+", default=[0],
+    parser.add_argument("--neighbour-tokens", type=int, nargs="+", default=[DEFAULT_NEIGHBOUR_TOKENS],
                         help="tokens of each neighbour in the context (grid; the server's --neighbour-tokens): "
                              "0 the whole [chunk, continuation], N > 0 its last N (64: the continuation alone), "
-                             "N < 0 its first -N (-64: the matched chunk alone)")
+                             "N < 0 its first -N (-64: the matched chunk alone); default %(default)s")
     parser.add_argument("--keep-rank-margin", type=int, nargs="+", default=[DEFAULT_KEEP_RANK_MARGIN],
                         help="keep the context's neighbours while each is among the new k + M nearest (grid; "
                              "the server's --keep-rank-margin)")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from artefacts.tokenizer import document_start_ids
 from retriever.sparse import AUTO_SPARSE
 from server.core import context
-from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, KNN_MODES
+from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES
 from server.core.engine import Engine, SegmentSampling
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
 
@@ -99,7 +99,7 @@ class EvalSettings:
     layout: str = DEFAULT_LAYOUT
     keep_same_neighbours: bool = True
     """Continue the previous span's context when its neighbours come back (the server's default)."""
-    neighbour_tokens: int = 0
+    neighbour_tokens: int = DEFAULT_NEIGHBOUR_TOKENS
     """Tokens of each neighbour in the context (0: all; RetrievalDefaults.neighbour_tokens)."""
     keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
     """... or while they are among the new k + this many nearest (RetrievalDefaults.keep_rank_margin)."""
