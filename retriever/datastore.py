@@ -316,6 +316,7 @@ class Datastore:
         """What `search` calls: the FAISS index, or its exact copy on a CUDA device (device_search)."""
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
+        self._sparse_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -392,7 +393,7 @@ class Datastore:
 
     def sparse_index(self, method: str) -> "sparse.SparseIndex":
         """The BM25 index, opened on first use; DatastoreError naming the fix when there is none."""
-        with self._encoder_lock:
+        with self._sparse_lock:
             if self.sparse is None:
                 require_sparse(self.path, self.manifest, method)
                 try:
@@ -449,7 +450,7 @@ class Datastore:
     def search_texts(self, texts: Sequence[str], k: int, method: str | None = None) -> BatchResults:
         """Neighbours of each text by `method` (default: the datastore's; dense: one encoder call
         and one FAISS call)."""
-        method = sparse.resolve(method, bool(self.manifest.get("sparse"))) if method else self.method
+        method = self._resolve(method)
         timing = Timing()
         embeddings = None
         if method != "bm25":
@@ -457,12 +458,19 @@ class Datastore:
             started = time.perf_counter()
             embeddings = encoder.encode(list(texts))
             timing.embed = time.perf_counter() - started
-        return self.search_queries(texts, embeddings, k, timing, method)
+        return self._search_resolved(texts, embeddings, k, timing, method)
 
     def search_queries(self, texts: Sequence[str], embeddings: np.ndarray | None, k: int,
                        timing: Timing | None = None, method: str | None = None) -> BatchResults:
         """Neighbours of queries given as texts and (for dense and fusion) their embeddings."""
-        method = sparse.resolve(method, bool(self.manifest.get("sparse"))) if method else self.method
+        return self._search_resolved(texts, embeddings, k, timing, self._resolve(method))
+
+    def _resolve(self, method: str | None) -> str:
+        """`method` ("auto" becomes what this datastore serves), or the datastore's own."""
+        return sparse.resolve(method, bool(self.manifest.get("sparse"))) if method else self.method
+
+    def _search_resolved(self, texts: Sequence[str], embeddings: np.ndarray | None, k: int,
+                         timing: Timing | None, method: str) -> BatchResults:
         if method == "dense":
             return self.search_embeddings(embeddings, k, timing)
         if method not in sparse.SPARSE_METHODS:
