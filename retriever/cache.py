@@ -115,37 +115,36 @@ class CachedSearcher:
         timing = Timing(queries=len(texts))
         results: list[list[Neighbour] | None] = [self.cache.get(key, k) for key in keys]
         missing = [i for i, row in enumerate(results) if row is None]
-        if missing and getattr(self.datastore, "method", "dense") == "bm25":
-            # BM25 ranks by words, so a near-duplicate embedding is no evidence of the same answer:
-            # exact keys only, and no query embedding at all.
-            self.cache.count_misses(len(missing))
-            found = self.datastore.search_queries([texts[i] for i in missing], None, k)
-            timing.search, timing.payload = found.timing.search, found.timing.payload
-            for i, neighbours in zip(missing, found):
-                results[i] = neighbours
-                self.cache.put(keys[i], k, neighbours)
-        elif missing:
+        if not missing:
+            return BatchResults(results, timing)
+        method = getattr(self.datastore, "method", "dense")
+        vectors = None
+        if method != "bm25":  # BM25 ranks by words: no query embedding at all
             encoder = self.datastore.encoder
             started = time.perf_counter()
             vectors = encoder.encode([texts[i] for i in missing])
             timing.embed = time.perf_counter() - started
-            to_search = []
-            for row, i in enumerate(missing):
-                hit = self.cache.get_approximate(vectors[row], k)
-                if hit is not None:
-                    results[i] = hit
-                    self.cache.put(keys[i], k, hit)
-                else:
-                    to_search.append(row)
-            if to_search:
-                self.cache.count_misses(len(to_search))
-                found = self.datastore.search_queries([texts[missing[row]] for row in to_search],
-                                                      vectors[to_search], k)
-                timing.search, timing.payload = found.timing.search, found.timing.payload
-                for row, neighbours in zip(to_search, found):
-                    i = missing[row]
-                    results[i] = neighbours
-                    if not missing_shards(neighbours):
-                        self.cache.put(keys[i], k, neighbours)
+        # A near-duplicate embedding is evidence of the same answer only when the embedding alone
+        # ranks: BM25 and fusion results answer exact keys only.
+        approximate = method == "dense"
+        to_search = []
+        for row, i in enumerate(missing):
+            hit = self.cache.get_approximate(vectors[row], k) if approximate else None
+            if hit is not None:
+                results[i] = hit
+                self.cache.put(keys[i], k, hit)
+            else:
+                to_search.append(row)
+        if to_search:
+            self.cache.count_misses(len(to_search))
+            found = self.datastore.search_queries([texts[missing[row]] for row in to_search],
+                                                  None if vectors is None else vectors[to_search], k)
+            timing.search, timing.payload = found.timing.search, found.timing.payload
+            for row, neighbours in zip(to_search, found):
+                i = missing[row]
+                results[i] = neighbours
+                if not missing_shards(neighbours):
+                    self.cache.put(keys[i], k, neighbours)
+                    if approximate:
                         self.cache.put_approximate(vectors[row], k, neighbours)
         return BatchResults(results, timing)

@@ -210,3 +210,21 @@ def test_the_default_datastore_built_before_bm25_gets_its_index_on_server_start(
     assert default["sparse"]["bm25"]["chunks"] == default["counts"]["chunks"]
     assert verify_datastore(paths.default_datastore_dir()) == []
     assert "sparse" not in json.loads((tmp_path / "elsewhere" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["dense", "bm25", "fusion"])
+def test_only_the_dense_ranking_reuses_a_near_duplicate_query_from_the_approximate_cache(bm25_datastore, method):
+    """The approximate cache matches query embeddings, so it may answer only for the ranking that
+    follows them: a BM25 or fused ranking answers exact keys only (the same text under a new key
+    is searched again and gives the datastore's own rows)."""
+    from retriever.cache import CachedSearcher, QueryCache
+
+    with Datastore.open(bm25_datastore, device="cpu", method=method) as datastore:
+        cached = CachedSearcher(datastore, QueryCache(capacity=16, approximate_threshold=0.99))
+        first = cached.search_texts(QUERIES[:1], 3, keys=["first"])
+        again = cached.search_texts(QUERIES[:1], 3, keys=["second"])  # cosine 1 with the first
+        expected = [[n.chunk_id for n in row] for row in datastore.search_texts(QUERIES[:1], 3)]
+    assert [[n.chunk_id for n in row] for row in first] == expected
+    assert [[n.chunk_id for n in row] for row in again] == expected
+    stats = cached.cache.stats
+    assert (stats.approximate_hits, stats.misses) == ((1, 1) if method == "dense" else (0, 2))
