@@ -250,20 +250,19 @@ def _write_stage(stage, config, documents, chunks, vectors, index, index_info, t
     return write_manifest(stage, manifest)
 
 
+def is_default_datastore(datastore_dir: Path) -> bool:
+    """`datastore_dir` is the default datastore's path (the one the project builds itself)."""
+    from artefacts import paths
+
+    return Path(datastore_dir).resolve() == paths.default_datastore_dir().resolve()
+
+
 def default_datastore_missing(datastore_dir: Path) -> bool:
     """`datastore_dir` is the default datastore's path and holds no datastore yet."""
-    from artefacts import paths
-
-    datastore_dir = Path(datastore_dir)
-    return (not (datastore_dir / MANIFEST).is_file()
-            and datastore_dir.resolve() == paths.default_datastore_dir().resolve())
+    return not (Path(datastore_dir) / MANIFEST).is_file() and is_default_datastore(datastore_dir)
 
 
-def _default_datastore_without_bm25(datastore_dir: Path) -> bool:
-    from artefacts import paths
-
-    if datastore_dir.resolve() != paths.default_datastore_dir().resolve():
-        return False
+def _manifest_without_bm25(datastore_dir: Path) -> bool:
     try:
         return not json.loads((datastore_dir / MANIFEST).read_text()).get("sparse")
     except (OSError, ValueError):
@@ -277,7 +276,7 @@ def ensure_default_datastore(datastore_dir: Path, model_dir: Path) -> None:
     datastore built before BM25 existed gets its BM25 index added (seconds)."""
     datastore_dir = Path(datastore_dir)
     if not default_datastore_missing(datastore_dir):
-        if _default_datastore_without_bm25(datastore_dir):
+        if is_default_datastore(datastore_dir) and _manifest_without_bm25(datastore_dir):
             log.info("default datastore %s has no BM25 index (built before it existed): adding it", datastore_dir)
             sparse_build.add_bm25(datastore_dir)
         return
