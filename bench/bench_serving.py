@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
 from server.api import validation  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
-from server.evaluation.cli import invocation  # noqa: E402
+from server.evaluation.cli import invocation, machine_description  # noqa: E402
 
 SCENARIOS = {
     "none": dict(mode="none"),
@@ -251,11 +252,13 @@ def main() -> int:
                       f"{row.computed_prompt_per_generated:12.2f} {row.continued_fraction:11.2f}", flush=True)
         report = {
             "invocation": invocation(),
+            "machine": machine_description(),
             "model": {"name": info.model.name, "fingerprint": info.model.fingerprint,
                       "quantization": info.model.quantization, "dtype": info.model.dtype, "device": info.model.device},
             "datastore": {"name": info.datastore.name, "digest": info.datastore.manifest_digest,
                           "entries": info.datastore.entry_count, "index": info.datastore.index_factory},
             "default_layout": validation.LAYOUT_FROM_PB.get(info.retrieval_defaults.layout, "prepend"),
+            "retrieval_defaults": MessageToDict(info.retrieval_defaults, preserving_proto_field_name=True),
             "scenarios": {name: SCENARIOS[name] for name in args.scenarios},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": [asdict(row) for row in rows],

@@ -76,3 +76,22 @@ def test_model_check_fails_against_other_weights(server, capsys, monkeypatch):
     status, verdict = run_check(server, capsys)
     assert status == 1 and not verdict["passed"]
     assert verdict["mean_logprob_dev"] > model_check.Bounds().mean_logprob_dev
+
+
+def test_results_files_name_the_cpu_by_lscpu_model_and_kernel_deciding_flags():
+    """machine_description (written into eval and bench results): the model name and the AVX2 /
+    AVX-512 / AMX / FMA flags exactly as `lscpu` lists them on this machine."""
+    import os
+    import shutil
+    import subprocess
+
+    from artefacts.cpu_kernels import ISA_FLAG_PREFIXES, machine_description
+
+    if shutil.which("lscpu") is None:
+        pytest.skip("lscpu is not installed here")
+    fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                                  check=True).stdout.splitlines() if ":" in line)
+    machine = machine_description()
+    assert machine["cpu"] == fields["Model name"].strip()
+    assert machine["isa_flags"] == sorted(f for f in fields["Flags"].split() if f.startswith(ISA_FLAG_PREFIXES))
+    assert machine["cpus"] == os.cpu_count()

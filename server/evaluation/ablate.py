@@ -22,8 +22,8 @@ from pathlib import Path
 
 from server.config import CHUNK_MODES
 from server.evaluation.cli import (add_intervals, add_scoring_arguments, exit_cleanly_on_sigterm, handles_errors,
-                             heldout_from_args, invocation, model_dir_from_args, print_table, score_grid,
-                             with_engine, write_results)
+                                   heldout_from_args, invocation, machine_description, model_dir_from_args,
+                                   print_table, score_grid, with_engine, write_results)
 from server.evaluation.scoring import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ async def ablate_async(args, engine=None) -> dict:
     add_intervals(rows)
     print_table(rows)
     print_ablations(rows)
-    payload = {"command": "ablate", "invocation": invocation(), "documents": [d.source for d in documents], "base": rows[1]["settings"],
+    payload = {"command": "ablate", "invocation": invocation(), "machine": machine_description(),
+               "documents": [d.source for d in documents], "base": rows[1]["settings"],
                "datastore": str(base_dir), "rows": rows, "max_doc_chars": args.max_doc_chars}
     path = write_results(args.output_dir, payload)
     plot_ablations(rows, args.output_dir / "ablations.png")

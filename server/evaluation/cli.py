@@ -66,6 +66,12 @@ def read_split(path: Path) -> dict:
     return split
 
 
+def machine_description() -> dict:
+    from artefacts.cpu_kernels import machine_description as describe
+
+    return describe()
+
+
 def invocation() -> str:
     """The command line that made a results file, as a reader would type it again: a console
     script by its name (`retroserve eval run ...`), a script by its path (`python bench/x.py ...`)."""
@@ -396,7 +402,8 @@ async def run_async(args, engine=None) -> dict:
                              token_datastore=args.token_datastore)
     for reference in args.reference_model:
         rows += await score_model_alone(Path(reference), documents, args)
-    payload = {"command": "run", "invocation": invocation(), "documents": [d.source for d in documents], "rows": rows,
+    payload = {"command": "run", "invocation": invocation(), "machine": machine_description(),
+               "documents": [d.source for d in documents], "rows": rows,
                "max_doc_chars": args.max_doc_chars}
     add_intervals(rows)
     if datastore_dir is not None:
@@ -456,7 +463,8 @@ async def sweep_async(args, engine=None) -> dict:
         return rows, references
 
     rows, references = await with_engine(model_dir, args, engine, sweep)
-    payload = {"command": "sweep", "invocation": invocation(), "documents": [d.source for d in documents], "references": references,
+    payload = {"command": "sweep", "invocation": invocation(), "machine": machine_description(),
+               "documents": [d.source for d in documents], "references": references,
                "rows": rows, "max_doc_chars": args.max_doc_chars, "failed_references": []}
     path = write_results(args.output_dir, payload)  # the sweep's own rows survive a reference failing
     for reference in args.reference_model:
