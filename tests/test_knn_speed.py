@@ -351,7 +351,7 @@ def test_speed_fields_are_validated_and_resolved_to_server_defaults():
     from protos.retroserve.v1 import retroserve_pb2 as pb
     from server.config import RetrievalDefaults
     from server.errors import InvalidArgument
-    from server.api.validation import GenerationRequest, ValidationContext
+    from server.api.validation import ValidationContext, generation_params_from_pb
 
     context = ValidationContext(retrieval=RetrievalDefaults(knn_pointer_min=4), has_token_datastore=True)
 
@@ -359,16 +359,14 @@ def test_speed_fields_are_validated_and_resolved_to_server_defaults():
         return pb.GenerateRequest(prompt="x", retrieval=pb.RetrievalParameters(mode=pb.RETRIEVAL_MODE_TOKEN,
                                                                               **retrieval))
 
-    resolved = GenerationRequest.from_pb(request(), context)
+    resolved = generation_params_from_pb(request(), context)
     assert resolved.knn_skip_above_prob == 1.0 and resolved.knn_pointer_min == 4
-    resolved = GenerationRequest.from_pb(request(knn_skip_above_prob=0.8, knn_pointer_min=0), context)
+    resolved = generation_params_from_pb(request(knn_skip_above_prob=0.8, knn_pointer_min=0), context)
     assert resolved.knn_skip_above_prob == 0.8 and resolved.knn_pointer_min == 0
-    from server.core.generation import LoopSettings
-
-    settings = LoopSettings(**resolved.loop_settings_kwargs()).knn_settings()
+    settings = resolved.knn_settings()
     assert settings.skip_above_prob == 0.8 and settings.pointer_min == 0
     for bad, field in [({"knn_skip_above_prob": 0.0}, "knn_skip_above_prob"),
                        ({"knn_skip_above_prob": 1.5}, "knn_skip_above_prob"),
                        ({"knn_pointer_min": 10_000}, "knn_pointer_min")]:
         with pytest.raises(InvalidArgument, match=field):
-            GenerationRequest.from_pb(request(**bad), context)
+            generation_params_from_pb(request(**bad), context)

@@ -357,9 +357,10 @@ def run_loop(server, batcher, **overrides):
     """One request through the server's generation loop and engine (greedy); its GenerationResult."""
     import uuid
 
-    from server.core.generation import Generator, LoopSettings
+    from server.core.generation import Generator
+    from server.core.params import GenerationParams
 
-    settings = LoopSettings(**{"prompt": PROMPT, "max_new_tokens": 24, "retrieval_mode": "chunk", "neighbours": 2,
+    settings = GenerationParams(**{"prompt": PROMPT, "max_new_tokens": 24, "retrieval_mode": "chunk", "neighbours": 2,
                                "stride": 6, **overrides})
 
     async def collect():
@@ -403,7 +404,7 @@ def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_requ
     first context computes, and recomputes almost no prompt token."""
     from server.core import context
     from server.core.engine import SegmentSampling
-    from server.core.generation import LoopSettings
+    from server.core.params import GenerationParams
 
     found = server.running.retrieval.datastore.search_texts([PROMPT], 2)[0]
     kept = run_loop(server, FixedNeighbours(found, found[::-1]), layout=layout)
@@ -411,7 +412,7 @@ def test_the_same_neighbours_in_any_order_continue_one_uninterrupted_engine_requ
     engine = server.running.engine
     first = context.build_context(engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"], [], found,
                                   context.separator_ids(engine.tokenizer), engine.max_model_len - 24, layout=layout,
-                                  neighbour_tokens=LoopSettings.neighbour_tokens)
+                                  neighbour_tokens=GenerationParams.neighbour_tokens)
 
     async def uninterrupted():
         tokens = []

@@ -13,11 +13,12 @@ from server.config import Limits, RetrievalDefaults
 from server.errors import DatastoreUnavailable, InvalidArgument
 from server.api.validation import (
     MAX_SEED,
-    GenerationRequest,
     RetrieveQuery,
     TokenizeQuery,
     ValidationContext,
+    generation_params_from_pb,
 )
+from server.core.params import GenerationParams
 
 LIMITS = Limits()
 DEFAULTS = RetrievalDefaults()
@@ -47,7 +48,7 @@ def request(**parts) -> pb.GenerateRequest:
 
 def refused(message: pb.GenerateRequest, context: ValidationContext = CONTEXT) -> InvalidArgument:
     with pytest.raises(InvalidArgument) as info:
-        GenerationRequest.from_pb(message, context)
+        generation_params_from_pb(message, context)
     return info.value
 
 
@@ -118,7 +119,7 @@ def test_chunk_mode_refused_without_a_datastore():
 
 def test_token_mode_accepted_with_a_token_datastore():
     context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_token_datastore=True)
-    resolved = GenerationRequest.from_pb(request(retrieval={"mode": pb.RETRIEVAL_MODE_TOKEN}), context)
+    resolved = generation_params_from_pb(request(retrieval={"mode": pb.RETRIEVAL_MODE_TOKEN}), context)
     assert resolved.retrieval_mode == "token"
 
 
@@ -131,14 +132,14 @@ def test_hybrid_mode_needs_both_datastores():
         assert f"available modes: {available}" in str(error)
     context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_token_datastore=True)
     assert context.available_modes == ("none", "chunk", "token", "hybrid")
-    resolved = GenerationRequest.from_pb(
+    resolved = generation_params_from_pb(
         request(retrieval={"mode": pb.RETRIEVAL_MODE_HYBRID, "neighbours": 3, "knn_lambda": 0.5}), context)
     assert (resolved.retrieval_mode, resolved.neighbours, resolved.knn_lambda) == ("hybrid", 3, 0.5)
 
 
 def test_prompt_at_the_limit_is_accepted():
     prompt = "word " * LIMITS.max_prompt_tokens
-    assert GenerationRequest.from_pb(request(prompt=prompt), CONTEXT).prompt_token_count == LIMITS.max_prompt_tokens
+    assert generation_params_from_pb(request(prompt=prompt), CONTEXT).prompt_token_count == LIMITS.max_prompt_tokens
 
 
 def test_tokenizer_is_not_called_for_requests_refused_by_cheaper_checks():
@@ -147,12 +148,12 @@ def test_tokenizer_is_not_called_for_requests_refused_by_cheaper_checks():
 
     context = ValidationContext(LIMITS, DEFAULTS, tokenize=explode)
     with pytest.raises(InvalidArgument):
-        GenerationRequest.from_pb(request(sampling={"top_p": 2.0}), context)
+        generation_params_from_pb(request(sampling={"top_p": 2.0}), context)
 
 
 def test_unset_fields_resolve_to_server_defaults():
-    resolved = GenerationRequest.from_pb(pb.GenerateRequest(prompt="Hello"), CONTEXT)
-    assert resolved == GenerationRequest(
+    resolved = generation_params_from_pb(pb.GenerateRequest(prompt="Hello"), CONTEXT)
+    assert resolved == GenerationParams(
         prompt="Hello",
         prompt_ids=(0,),
         max_new_tokens=LIMITS.default_max_new_tokens,
@@ -167,7 +168,7 @@ def test_unset_fields_resolve_to_server_defaults():
 
 def test_default_mode_falls_back_to_none_without_a_datastore():
     context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_chunk_datastore=False)
-    assert GenerationRequest.from_pb(pb.GenerateRequest(prompt="Hi"), context).retrieval_mode == "none"
+    assert generation_params_from_pb(pb.GenerateRequest(prompt="Hi"), context).retrieval_mode == "none"
 
 
 def test_valid_request_round_trips():
@@ -183,23 +184,20 @@ def test_valid_request_round_trips():
     )
     # Through the wire format, as the server receives it.
     message = pb.GenerateRequest.FromString(message.SerializeToString())
-    resolved = GenerationRequest.from_pb(message, CONTEXT)
-    assert resolved == GenerationRequest(
+    resolved = generation_params_from_pb(message, CONTEXT)
+    assert resolved == GenerationParams(
         prompt="The assert statement", prompt_ids=(0, 1, 2), max_new_tokens=100,
         temperature=0.7, top_p=0.9, top_k=40, seed=1234,
         stop_sequences=("\n\n", "END"), include_stop_sequence=True, time_limit_s=2.5,
         retrieval_mode="chunk", neighbours=4, stride=64, query_tokens=16, layout="after_prompt",
         return_provenance=True, return_token_ids=True, return_logprobs=True,
     )
-    settings = resolved.loop_settings_kwargs()
-    assert settings["retrieval_mode"] == "chunk" and settings["time_limit_s"] == 2.5
-    assert settings["prompt_ids"] == (0, 1, 2)  # tokenized once, here, and handed to the loop
-    assert "return_provenance" not in settings
+    assert resolved.prompt_ids == (0, 1, 2)  # tokenized once, here, and handed to the loop
 
 
 def test_greedy_ignores_sampling_knobs():
     """temperature 0 is greedy: top_p/top_k/seed are dropped so the resolved request says so."""
-    resolved = GenerationRequest.from_pb(
+    resolved = generation_params_from_pb(
         request(sampling={"temperature": 0.0, "top_p": 0.5, "top_k": 3, "seed": 9}), CONTEXT
     )
     assert (resolved.top_p, resolved.top_k, resolved.seed) == (1.0, 0, None)
@@ -211,18 +209,20 @@ def test_bounds_follow_the_configured_limits():
     assert "must be in [1, 10]" in str(error)
 
 
-def test_loop_fields_exist_on_loop_settings():
-    """GenerationRequest.loop_settings_kwargs() feeds server.core.generation.LoopSettings by name."""
-    import ast
-    from pathlib import Path
-
-    source = (Path(__file__).parent.parent / "server" / "core" / "generation.py").read_text()
-    loop_settings = next(
-        node for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.ClassDef) and node.name == "LoopSettings"
-    )
-    fields = {node.target.id for node in loop_settings.body if isinstance(node, ast.AnnAssign)}
-    assert set(GenerationRequest.LOOP_FIELDS) <= fields
+def test_every_field_of_a_request_reaches_its_parameters_and_only_the_engine_setting_of_knn():
+    """GenerationParams is the one request type from the API to the engine: every set field of
+    a GenerateRequest arrives under its own name, and the kNN-LM settings derive from it."""
+    context = ValidationContext(LIMITS, DEFAULTS, tokenize=word_ids, has_token_datastore=True)
+    resolved = generation_params_from_pb(request(retrieval={
+        "mode": pb.RETRIEVAL_MODE_HYBRID, "knn_lambda": 0.5, "knn_k": 8, "knn_temperature": 3.0,
+        "knn_skip_above_prob": 0.9, "knn_pointer_min": 2, "keep_rank_margin": 0,
+        "shard_policy": pb.SHARD_POLICY_REQUIRE_ALL}), context)
+    assert (resolved.knn_lambda, resolved.knn_k, resolved.knn_temperature, resolved.knn_skip_above_prob,
+            resolved.knn_pointer_min, resolved.keep_rank_margin, resolved.shard_policy) == (
+        0.5, 8, 3.0, 0.9, 2, 0, "require_all")
+    knn = resolved.knn_settings()
+    assert (knn.lam, knn.k, knn.temperature, knn.skip_above_prob, knn.pointer_min) == (0.5, 8, 3.0, 0.9, 2)
+    assert generation_params_from_pb(request(), CONTEXT).knn_settings() is None  # chunk mode
 
 
 # -- Retrieve and Tokenize ------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from server.api import pb_convert
 from server.core import request_context
 from server.config import CHUNK_MODES, ServerConfig
 from server.errors import EngineDead, NotReady, Overloaded
-from server.core.generation import GenerationDelta, GenerationResult, Generator, LoopSettings, RetrievalEvent
-from server.api.validation import GenerationRequest, RetrieveQuery, TokenizeQuery, ValidationContext
+from server.core.generation import GenerationDelta, GenerationResult, Generator, RetrievalEvent
+from server.core.params import GenerationParams
+from server.api.validation import RetrieveQuery, TokenizeQuery, ValidationContext, generation_params_from_pb
 
 
 class Admission:
@@ -168,23 +169,22 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
         if self.engine.errored:
             raise EngineDead("the inference engine has stopped; the server is restarting")
 
-    def _validate_generation(self, request: pb.GenerateRequest) -> GenerationRequest:
-        validated = GenerationRequest.from_pb(request, self.validation)
+    def _validate_generation(self, request: pb.GenerateRequest) -> GenerationParams:
+        validated = generation_params_from_pb(request, self.validation)
         current = request_context.current_request()
         if current is not None:
             current.mode = validated.retrieval_mode
         return validated
 
-    async def _generate(self, validated: GenerationRequest, request_id: str):
+    async def _generate(self, validated: GenerationParams, request_id: str):
         """Run the loop under admission, observing first-token and inter-token latency."""
         self._check_ready()
         mode = validated.retrieval_mode
         with self.admission.admit() as ticket:
             async with self._datastore_for(mode) as retrieval:
-                settings = LoopSettings(**validated.loop_settings_kwargs())
                 batcher = retrieval.batcher if retrieval is not None else None
                 last_token_at = None
-                async for delta in self.generator.generate(settings, request_id, batcher):
+                async for delta in self.generator.generate(validated, request_id, batcher):
                     if delta.token_ids:
                         now = time.perf_counter()
                         if last_token_at is None:
@@ -240,7 +240,7 @@ class RetroserveService(retroserve_pb2_grpc.RetroserveServicer):
                 yield message
 
     @staticmethod
-    def _stream_message(delta: GenerationDelta, validated: GenerationRequest) -> pb.GenerateStreamResponse:
+    def _stream_message(delta: GenerationDelta, validated: GenerationParams) -> pb.GenerateStreamResponse:
         message = pb.GenerateStreamResponse(text=delta.text)
         if validated.return_token_ids:
             message.token_ids.extend(delta.token_ids)

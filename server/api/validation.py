@@ -1,4 +1,5 @@
-"""Request validation: protobuf requests in, plain resolved dataclasses out, or InvalidArgument.
+"""Request validation: protobuf requests in, plain resolved dataclasses out (a generation request
+becomes server.core.params.GenerationParams), or InvalidArgument.
 
 Everything a client sends passes through here before it reaches the engine or the datastore, so
 nothing a client sends can crash the server or start work that a bound forbids. Each refusal names
@@ -17,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
-from server.config import DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, Limits, RetrievalDefaults, modes_served
-from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE
+from server.config import Limits, RetrievalDefaults, modes_served
+from server.core.params import GenerationParams
 from server.errors import DatastoreUnavailable, InvalidArgument
 
 MAX_SEED = 2**31 - 1
@@ -66,194 +67,104 @@ class ValidationContext:
         return self.retrieval.mode if self.retrieval.mode in self.available_modes else "none"
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A validated generation request with every default resolved.
+def generation_params_from_pb(request: pb.GenerateRequest, context: ValidationContext) -> GenerationParams:
+    """Validate and resolve a GenerateRequest; raises InvalidArgument naming the first bad field.
 
-    Field names shared with server.core.generation.LoopSettings mean the same thing there;
-    `loop_settings_kwargs()` returns exactly those.
+    Cheap checks run first; the prompt is tokenized last, only for requests otherwise valid.
     """
-
-    prompt: str
-    prompt_ids: tuple[int, ...] | None
-    """The prompt's token ids, tokenized once here for the length check and passed on to the
-    generation loop (None when validated without a tokenizer: the loop tokenizes the prompt)."""
-    max_new_tokens: int
-    temperature: float = 0.0
-    """0 means greedy; then top_p=1, top_k=0 and seed=None whatever the request said."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0: off."""
-    seed: int | None = None
-    """None: the loop picks one when sampling (and reports it)."""
-    stop_sequences: tuple[str, ...] = ()
-    include_stop_sequence: bool = False
-    time_limit_s: float | None = None
-    """Wall-clock budget; requests that set none get Limits.max_time_limit_s (None only in tests
-    of the loop: no limit)."""
-    retrieval_mode: str = "none"
-    """One of config.RETRIEVAL_MODES."""
-    neighbours: int = 2
-    stride: int = 16
-    query_tokens: int = 32
-    layout: str = DEFAULT_LAYOUT
-    keep_same_neighbours: bool = True
-    """Server-wide (RetrievalDefaults.keep_same_neighbours), not a request field."""
-    neighbour_tokens: int = DEFAULT_NEIGHBOUR_TOKENS
-    """Server-wide (RetrievalDefaults.neighbour_tokens), not a request field: 0 whole neighbours,
-    N > 0 the last N tokens of each, N < 0 the first -N."""
-    keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
-    shard_policy: str = "partial"
-    """"partial" | "require_all": what a retrieval does when a datastore shard is missing."""
-    return_provenance: bool = False
-    return_token_ids: bool = False
-    return_logprobs: bool = False
-    knn_lambda: float = DEFAULT_KNN_LAMBDA
-    """Token mode: λ of λ·p_kNN + (1-λ)·p_LM."""
-    knn_k: int = DEFAULT_KNN_K
-    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
-    knn_skip_above_prob: float = 1.0
-    """Token mode: skip the search on steps whose LM max probability is above this (1: never)."""
-    knn_pointer_min: int = 0
-    """Token mode: follow pointers when at least this many remain (0: off)."""
-
-    LOOP_FIELDS = (
-        "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_sequences",
-        "include_stop_sequence", "time_limit_s", "retrieval_mode", "neighbours", "stride",
-        "query_tokens", "layout", "keep_same_neighbours", "neighbour_tokens", "keep_rank_margin", "shard_policy", "return_logprobs", "knn_lambda", "knn_k",
-        "knn_temperature", "knn_skip_above_prob", "knn_pointer_min",
-    )
-
-    @property
-    def prompt_token_count(self) -> int | None:
-        return None if self.prompt_ids is None else len(self.prompt_ids)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def loop_settings_kwargs(self) -> dict:
-        """Keyword arguments for server.core.generation.LoopSettings."""
-        return {name: getattr(self, name) for name in self.LOOP_FIELDS}
-
-    @classmethod
-    def from_pb(cls, request: pb.GenerateRequest, context: ValidationContext) -> "GenerationRequest":
-        """Validate and resolve; raises InvalidArgument naming the first bad field.
-
-        Cheap checks run first; the prompt is tokenized last, only for requests otherwise valid.
-        """
-        limits = context.limits
-        if not request.prompt.strip():
-            raise InvalidArgument("prompt", "prompt must contain a non-whitespace character")
-
-        sampling = request.sampling
-        temperature = _optional(sampling, "temperature", 0.0)
-        _check_finite("sampling.temperature", temperature)
-        _check_range("sampling.temperature", temperature, 0, limits.max_temperature)
-        top_p = _optional(sampling, "top_p", 1.0)
-        _check_finite("sampling.top_p", top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise InvalidArgument("sampling.top_p", f"sampling.top_p={_show(top_p)} must be in (0, 1]")
-        top_k = _optional(sampling, "top_k", 0)
-        _check_range("sampling.top_k", top_k, 0, limits.max_top_k, note=" (0 = off)")
-        seed = _optional(sampling, "seed", None)
-        if seed is not None:
-            _check_range("sampling.seed", seed, 0, MAX_SEED)
-
-        stopping = request.stopping
-        max_new_tokens = _optional(stopping, "max_new_tokens", limits.default_max_new_tokens)
-        _check_range("stopping.max_new_tokens", max_new_tokens, 1, limits.max_new_tokens)
-        stop_sequences = tuple(stopping.stop_sequences)
-        if len(stop_sequences) > limits.max_stop_sequences:
+    if not request.prompt.strip():
+        raise InvalidArgument("prompt", "prompt must contain a non-whitespace character")
+    fields = {**_sampling_fields(request.sampling, context.limits),
+              **_stopping_fields(request.stopping, context.limits),
+              **_retrieval_fields(request.retrieval, context),
+              "return_provenance": request.retrieval.return_provenance,
+              "return_token_ids": request.response.return_token_ids,
+              "return_logprobs": request.response.return_logprobs}
+    prompt_ids = None
+    if context.tokenize is not None:
+        prompt_ids = tuple(context.tokenize(request.prompt))
+        if len(prompt_ids) > context.limits.max_prompt_tokens:
             raise InvalidArgument(
-                "stopping.stop_sequences",
-                f"stopping.stop_sequences has {len(stop_sequences)} entries; at most "
-                f"{limits.max_stop_sequences} are allowed",
+                "prompt",
+                f"prompt has {len(prompt_ids)} tokens; at most {context.limits.max_prompt_tokens} are allowed",
             )
-        for index, stop in enumerate(stop_sequences):
-            path = f"stopping.stop_sequences[{index}]"
-            if not stop:
-                raise InvalidArgument(path, f"{path} is empty; stop sequences must be 1..{limits.max_stop_sequence_chars} characters")
-            if len(stop) > limits.max_stop_sequence_chars:
-                raise InvalidArgument(
-                    path, f"{path} has {len(stop)} characters; at most {limits.max_stop_sequence_chars} are allowed"
-                )
-        max_time_limit_ms = round(limits.max_time_limit_s * 1000)
-        _check_range("stopping.time_limit_ms", stopping.time_limit_ms, 0, max_time_limit_ms, note=" (0 = none)")
+    return GenerationParams(prompt=request.prompt, prompt_ids=prompt_ids, **fields)
 
-        retrieval = request.retrieval
-        mode = _resolve_mode(retrieval.mode, context)
-        layout = _resolve_enum("retrieval.layout", retrieval.layout, LAYOUT_FROM_PB, pb.ContextLayout,
-                               context.retrieval.layout)
-        shard_policy = _resolve_enum("retrieval.shard_policy", retrieval.shard_policy, SHARD_POLICY_FROM_PB,
-                                     pb.ShardPolicy, context.retrieval.shard_policy)
-        defaults = context.retrieval
-        neighbours = _optional(retrieval, "neighbours", defaults.neighbours)
-        _check_range("retrieval.neighbours", neighbours, 1, defaults.max_neighbours)
-        stride = _optional(retrieval, "stride", defaults.stride)
-        _check_range("retrieval.stride", stride, defaults.min_stride, defaults.max_stride)
-        query_tokens = _optional(retrieval, "query_tokens", defaults.query_tokens)
-        _check_range("retrieval.query_tokens", query_tokens, 1, defaults.max_query_tokens)
-        knn_lambda = _optional(retrieval, "knn_lambda", defaults.knn_lambda)
-        _check_finite("retrieval.knn_lambda", knn_lambda)
-        _check_range("retrieval.knn_lambda", knn_lambda, 0.0, 1.0)
-        knn_k = _optional(retrieval, "knn_k", defaults.knn_k)
-        _check_range("retrieval.knn_k", knn_k, 1, defaults.max_knn_k)
-        knn_temperature = _optional(retrieval, "knn_temperature", defaults.knn_temperature)
-        _check_finite("retrieval.knn_temperature", knn_temperature)
-        if not knn_temperature > 0:
-            raise InvalidArgument("retrieval.knn_temperature",
-                                  f"retrieval.knn_temperature={_show(knn_temperature)} must be > 0")
-        knn_skip_above_prob = _optional(retrieval, "knn_skip_above_prob", defaults.knn_skip_above_prob)
-        _check_finite("retrieval.knn_skip_above_prob", knn_skip_above_prob)
-        if not 0.0 < knn_skip_above_prob <= 1.0:
-            raise InvalidArgument("retrieval.knn_skip_above_prob",
-                                  f"retrieval.knn_skip_above_prob={_show(knn_skip_above_prob)} must be in (0, 1] "
-                                  "(1 = never skip)")
-        keep_rank_margin = _optional(retrieval, "keep_rank_margin", defaults.keep_rank_margin)
-        _check_range("retrieval.keep_rank_margin", keep_rank_margin, 0, defaults.max_neighbours)
-        knn_pointer_min = _optional(retrieval, "knn_pointer_min", defaults.knn_pointer_min)
-        _check_range("retrieval.knn_pointer_min", knn_pointer_min, 0, defaults.max_knn_k, note=" (0 = off)")
 
-        prompt_ids = None
-        if context.tokenize is not None:
-            prompt_ids = tuple(context.tokenize(request.prompt))
-            if len(prompt_ids) > limits.max_prompt_tokens:
-                raise InvalidArgument(
-                    "prompt",
-                    f"prompt has {len(prompt_ids)} tokens; at most {limits.max_prompt_tokens} are allowed",
-                )
+def _sampling_fields(sampling: pb.SamplingParameters, limits: Limits) -> dict:
+    temperature = _optional(sampling, "temperature", 0.0)
+    _check_finite("sampling.temperature", temperature)
+    _check_range("sampling.temperature", temperature, 0, limits.max_temperature)
+    top_p = _optional(sampling, "top_p", 1.0)
+    _check_finite("sampling.top_p", top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument("sampling.top_p", f"sampling.top_p={_show(top_p)} must be in (0, 1]")
+    top_k = _optional(sampling, "top_k", 0)
+    _check_range("sampling.top_k", top_k, 0, limits.max_top_k, note=" (0 = off)")
+    seed = _optional(sampling, "seed", None)
+    if seed is not None:
+        _check_range("sampling.seed", seed, 0, MAX_SEED)
+    greedy = temperature == 0.0
+    return {"temperature": float(temperature), "top_p": 1.0 if greedy else float(top_p),
+            "top_k": 0 if greedy else top_k, "seed": None if greedy else seed}
 
-        greedy = temperature == 0.0
-        return cls(
-            prompt=request.prompt,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=float(temperature),
-            top_p=1.0 if greedy else float(top_p),
-            top_k=0 if greedy else top_k,
-            seed=None if greedy else seed,
-            stop_sequences=stop_sequences,
-            include_stop_sequence=stopping.include_stop_sequence,
-            time_limit_s=stopping.time_limit_ms / 1000 if stopping.time_limit_ms else limits.max_time_limit_s,
-            retrieval_mode=mode,
-            neighbours=neighbours,
-            stride=stride,
-            query_tokens=query_tokens,
-            layout=layout,
-            keep_same_neighbours=defaults.keep_same_neighbours,
-            neighbour_tokens=defaults.neighbour_tokens,
-            keep_rank_margin=keep_rank_margin,
-            shard_policy=shard_policy,
-            return_provenance=retrieval.return_provenance,
-            return_token_ids=request.response.return_token_ids,
-            return_logprobs=request.response.return_logprobs,
-            knn_lambda=float(knn_lambda),
-            knn_k=knn_k,
-            knn_temperature=float(knn_temperature),
-            knn_skip_above_prob=float(knn_skip_above_prob),
-            knn_pointer_min=knn_pointer_min,
+
+def _stopping_fields(stopping: pb.StoppingCriteria, limits: Limits) -> dict:
+    max_new_tokens = _optional(stopping, "max_new_tokens", limits.default_max_new_tokens)
+    _check_range("stopping.max_new_tokens", max_new_tokens, 1, limits.max_new_tokens)
+    stop_sequences = tuple(stopping.stop_sequences)
+    if len(stop_sequences) > limits.max_stop_sequences:
+        raise InvalidArgument(
+            "stopping.stop_sequences",
+            f"stopping.stop_sequences has {len(stop_sequences)} entries; at most "
+            f"{limits.max_stop_sequences} are allowed",
         )
+    for index, stop in enumerate(stop_sequences):
+        path = f"stopping.stop_sequences[{index}]"
+        if not stop:
+            raise InvalidArgument(path, f"{path} is empty; stop sequences must be 1..{limits.max_stop_sequence_chars} characters")
+        if len(stop) > limits.max_stop_sequence_chars:
+            raise InvalidArgument(
+                path, f"{path} has {len(stop)} characters; at most {limits.max_stop_sequence_chars} are allowed"
+            )
+    max_time_limit_ms = round(limits.max_time_limit_s * 1000)
+    _check_range("stopping.time_limit_ms", stopping.time_limit_ms, 0, max_time_limit_ms, note=" (0 = none)")
+    return {"max_new_tokens": max_new_tokens, "stop_sequences": stop_sequences,
+            "include_stop_sequence": stopping.include_stop_sequence,
+            "time_limit_s": stopping.time_limit_ms / 1000 if stopping.time_limit_ms else limits.max_time_limit_s}
+
+
+def _retrieval_fields(retrieval: pb.RetrievalParameters, context: ValidationContext) -> dict:
+    defaults = context.retrieval
+    fields = {
+        "retrieval_mode": _resolve_mode(retrieval.mode, context),
+        "layout": _resolve_enum("retrieval.layout", retrieval.layout, LAYOUT_FROM_PB, pb.ContextLayout,
+                                defaults.layout),
+        "shard_policy": _resolve_enum("retrieval.shard_policy", retrieval.shard_policy, SHARD_POLICY_FROM_PB,
+                                      pb.ShardPolicy, defaults.shard_policy),
+        "keep_same_neighbours": defaults.keep_same_neighbours,
+        "neighbour_tokens": defaults.neighbour_tokens,
+    }
+    for name, low, high, note in (("neighbours", 1, defaults.max_neighbours, ""),
+                                  ("stride", defaults.min_stride, defaults.max_stride, ""),
+                                  ("query_tokens", 1, defaults.max_query_tokens, ""),
+                                  ("knn_k", 1, defaults.max_knn_k, ""),
+                                  ("keep_rank_margin", 0, defaults.max_neighbours, ""),
+                                  ("knn_pointer_min", 0, defaults.max_knn_k, " (0 = off)")):
+        fields[name] = _optional(retrieval, name, getattr(defaults, name))
+        _check_range(f"retrieval.{name}", fields[name], low, high, note=note)
+    for name in ("knn_lambda", "knn_temperature", "knn_skip_above_prob"):
+        fields[name] = float(_optional(retrieval, name, getattr(defaults, name)))
+        _check_finite(f"retrieval.{name}", fields[name])
+    _check_range("retrieval.knn_lambda", fields["knn_lambda"], 0.0, 1.0)
+    if not fields["knn_temperature"] > 0:
+        raise InvalidArgument("retrieval.knn_temperature",
+                              f"retrieval.knn_temperature={_show(fields['knn_temperature'])} must be > 0")
+    if not 0.0 < fields["knn_skip_above_prob"] <= 1.0:
+        raise InvalidArgument("retrieval.knn_skip_above_prob",
+                              f"retrieval.knn_skip_above_prob={_show(fields['knn_skip_above_prob'])} must be "
+                              "in (0, 1] (1 = never skip)")
+    return fields
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.core import context
-from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES
+from server.config import CHUNK_MODES
 from server.core.engine import Engine, SegmentSampling
-from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_TEMPERATURE, KnnRequestSettings
+from server.core.output import OutputText, find_stop, safe_text_end
+from server.core.params import GenerationParams
+from server.knn.settings import KnnRequestSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,47 +90,6 @@ class GenerationResult:
         return self.engine_prompt_tokens - self.cached_prompt_tokens
 
 
-@dataclass
-class LoopSettings:
-    """The resolved per-request knobs the loop needs (validation fills them from the request)."""
-
-    prompt: str
-    max_new_tokens: int
-    prompt_ids: Sequence[int] | None = None
-    """The prompt's token ids when validation already tokenized it; None: the loop tokenizes `prompt`."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_sequences: Sequence[str] = ()
-    include_stop_sequence: bool = False
-    time_limit_s: float | None = None
-    retrieval_mode: str = "none"
-    neighbours: int = 2
-    stride: int = 16
-    query_tokens: int = 32
-    layout: str = DEFAULT_LAYOUT
-    keep_same_neighbours: bool = True
-    """Continue the previous context when a retrieval returns the chunks already in it."""
-    neighbour_tokens: int = DEFAULT_NEIGHBOUR_TOKENS
-    """Part of each neighbour in the context (0: all; context.neighbour_block)."""
-    keep_rank_margin: int = DEFAULT_KEEP_RANK_MARGIN
-    """Also continue it while those chunks are among the new k + this many nearest."""
-    shard_policy: str = "partial"
-    return_logprobs: bool = False
-    knn_lambda: float = DEFAULT_KNN_LAMBDA
-    knn_k: int = DEFAULT_KNN_K
-    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
-    knn_skip_above_prob: float = 1.0
-    knn_pointer_min: int = 0
-
-    def knn_settings(self) -> KnnRequestSettings | None:
-        """The engine's kNN-LM settings in token and hybrid mode (None in other modes)."""
-        if self.retrieval_mode not in KNN_MODES:
-            return None
-        return KnnRequestSettings.from_knn_fields(self)
-
-
 class Generator:
     """Runs generation requests against one engine; each chunk-mode request brings the retrieval
     batcher of the datastore it runs on (server/core/hot_swap.py pins one per request)."""
@@ -158,186 +119,211 @@ class Generator:
             missing = enforce_shard_policy(neighbours, shard_policy)
         return query_text, list(neighbours), time.perf_counter() - start, missing
 
-    async def generate(self, settings: LoopSettings, request_id: str, batcher=None) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, params: GenerationParams, request_id: str, batcher=None) -> AsyncIterator[GenerationDelta]:
         """Yield deltas; the last one carries `result`. Cancellation aborts the engine request.
 
         `batcher`: the retriever.batcher.RetrievalBatcher chunk mode retrieves through."""
-        started = time.perf_counter()
-        deadline = started + settings.time_limit_s if settings.time_limit_s else None
-        prompt_ids = self.tokenize(settings.prompt) if settings.prompt_ids is None else list(settings.prompt_ids)
-        use_retrieval = settings.retrieval_mode in CHUNK_MODES
-        if use_retrieval and batcher is None:
-            raise RuntimeError("chunk retrieval requested but the server has no datastore")
+        request = self._start(params, batcher)
+        deadline = request.started + params.time_limit_s if params.time_limit_s else None
         # kNN-LM retrieves inside the engine at every step (server/knn/model.py): token mode is one
         # segment, hybrid mode carries it into each chunk-mode segment.
-        knn = settings.knn_settings()
-        seed = settings.seed
-        if seed is None and settings.temperature > 0:
-            seed = random.randrange(2**31)
-
-        generated: list[int] = []
-        logprobs: list[float] = []
-        retrievals: list[RetrievalEvent] = []
-        emitted_chars = 0
-        ttft = None
-        retrieval_s = 0.0
-        engine_prompt_tokens = cached_tokens = 0
-        stop_reason = None
-        stop_sequence = None
-        final_text = ""
-        max_stop = max((len(s) for s in settings.stop_sequences), default=0)
-        segment = 0
-        neighbours: list[Any] = []
-        candidates: list[Any] = []
-        fetched = context.candidate_count(settings.neighbours, settings.keep_same_neighbours, settings.keep_rank_margin)
-        built: context.BuiltContext | None = None
-        """The previous segment's context; `segment_start` is where its output began."""
-        segment_start = 0
-        continued_segments = 0
-        unsent = GenerationDelta()
-        """Tokens, log-probs and retrievals of the delta a stop sequence ended (sent with the result)."""
-
-        while stop_reason is None:
-            remaining = settings.max_new_tokens - len(generated)
-            span = min(settings.stride, remaining) if use_retrieval else remaining
-            pending: list[RetrievalEvent] = []
-            if use_retrieval:
-                history = prompt_ids + generated
-                query_ids = history[-settings.query_tokens :]
-                query_text, candidates, seconds, missing = await self.retrieve(
-                    batcher, query_ids, fetched, settings.shard_policy)
-                retrieval_s += seconds
-                start_char = len(self.decode(generated))
-            built = context.next_context(
-                built if use_retrieval else None,
-                generated[segment_start:],
-                prompt_ids,
-                generated,
-                candidates[: settings.neighbours] if use_retrieval else [],
-                self.separator_ids,
-                self.engine.max_model_len - span,
-                layout=settings.layout,
-                keep_same_neighbours=settings.keep_same_neighbours,
-                candidates=candidates,
-                neighbour_tokens=settings.neighbour_tokens,
-            )
-            if use_retrieval:
-                # Provenance names the neighbours in the context, as this retrieval found them (a
-                # continued context keeps chunks that are among its candidates, with their new scores).
-                kept = set(built.neighbour_ids) if built.continued else None
-                neighbours = (candidates[: settings.neighbours] if kept is None
-                              else [n for n in candidates if n.chunk_id in kept])
-                event = RetrievalEvent(
-                    query_text, len(generated), len(generated), start_char, start_char,
-                    neighbours=neighbours, seconds=seconds, missing_shards=missing,
-                )
-                retrievals.append(event)
-                pending.append(event)
-            continued_segments += built.continued
-            segment_start = len(generated)
-            engine_prompt_tokens += len(built.token_ids)
-            sampling = SegmentSampling(
-                max_tokens=span,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                seed=None if seed is None else (seed + 1_000_003 * segment) % (2**31),
-                logprobs=settings.return_logprobs,
-                knn=knn,
-            )
-            segment_tokens = 0
+        knn = params.knn_settings()
+        while request.stop_reason is None:
+            remaining = params.max_new_tokens - len(request.generated)
+            span = min(params.stride, remaining) if request.chunk_mode else remaining
+            pending = await self._next_context(request, batcher, span)
             finish_reason = None
             try:
                 async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
-                    async for delta in self.engine.generate_segment(
-                        built.token_ids, sampling, f"{request_id}-{segment}"
-                    ):
-                        if delta.num_cached_tokens is not None and segment_tokens == 0 and delta.token_ids:
-                            cached_tokens += delta.num_cached_tokens
-                        if delta.token_ids and ttft is None:
-                            ttft = time.perf_counter() - started
-                        generated.extend(delta.token_ids)
-                        segment_tokens += len(delta.token_ids)
-                        if delta.logprobs:
-                            logprobs.extend(delta.logprobs)
-                        text = self.decode(generated)
-                        hit = _find_stop(text, settings.stop_sequences, emitted_chars, max_stop)
-                        if hit is not None:
-                            index, stop_sequence = hit
-                            final_text = text[: index + (len(stop_sequence) if settings.include_stop_sequence else 0)]
-                            stop_reason = StopReason.STOP_SEQUENCE
-                            unsent = GenerationDelta(token_ids=list(delta.token_ids),
-                                                     logprobs=list(delta.logprobs or []), retrievals=pending)
+                    async for delta in self.engine.generate_segment(request.built.token_ids,
+                                                                    self._sampling(request, span, knn),
+                                                                    f"{request_id}-{request.segments}"):
+                        out = self._take(request, delta, pending)
+                        if out is None:  # a stop sequence ended the request
                             break
-                        safe_end = len(text) - (max_stop - 1 if max_stop else 0)
-                        if text.endswith("\ufffd"):
-                            safe_end = min(safe_end, len(text) - 1)
-                        out = GenerationDelta(token_ids=list(delta.token_ids), retrievals=pending)
-                        if delta.logprobs:
-                            out.logprobs = list(delta.logprobs)
-                        if safe_end > emitted_chars:
-                            out.text = text[emitted_chars:safe_end]
-                            emitted_chars = safe_end
                         pending = []
                         yield out
                         if delta.finished:
                             finish_reason = delta.finish_reason
             except TimeoutError:
-                stop_reason = StopReason.TIME_LIMIT
-            for event in retrievals[-1:] if use_retrieval else []:
-                event.end_token = len(generated)
-            segment += 1
-            if stop_reason is not None:
-                break
-            if finish_reason == "stop":
-                stop_reason = StopReason.EOS_TOKEN
-            elif len(generated) >= settings.max_new_tokens:
-                stop_reason = StopReason.MAX_TOKENS
-            elif finish_reason == "abort":
-                stop_reason = StopReason.CANCELLED
+                request.stop_reason = StopReason.TIME_LIMIT
+            self._end_segment(request, finish_reason)
+        yield self._finish(request)
 
-        if stop_reason != StopReason.STOP_SEQUENCE:
-            final_text = self.decode(generated)
-        if retrievals:
-            _char_spans(retrievals, generated, self.decode, len(final_text))
+    # -- input processing: the next segment's context ----------------------------------------
+
+    def _start(self, params: GenerationParams, batcher) -> "_Request":
+        chunk_mode = params.retrieval_mode in CHUNK_MODES
+        if chunk_mode and batcher is None:
+            raise RuntimeError("chunk retrieval requested but the server has no datastore")
+        seed = params.seed
+        if seed is None and params.temperature > 0:
+            seed = random.randrange(2**31)
+        return _Request(
+            params=params, chunk_mode=chunk_mode, seed=seed, started=time.perf_counter(),
+            prompt_ids=self.tokenize(params.prompt) if params.prompt_ids is None else list(params.prompt_ids),
+            output=OutputText(self.engine.tokenizer),
+            fetched=context.candidate_count(params.neighbours, params.keep_same_neighbours,
+                                            params.keep_rank_margin),
+        )
+
+    async def _next_context(self, request: "_Request", batcher, span: int) -> list[RetrievalEvent]:
+        """Retrieve (chunk mode) and lay out the next segment's context; the new retrieval events."""
+        params = request.params
+        candidates: list[Any] = []
+        if request.chunk_mode:
+            history = request.prompt_ids + request.generated
+            query_text, candidates, seconds, missing = await self.retrieve(
+                batcher, history[-params.query_tokens:], request.fetched, params.shard_policy)
+            request.retrieval_s += seconds
+        request.built = context.next_context(
+            request.built if request.chunk_mode else None,
+            request.generated[request.segment_start:],
+            request.prompt_ids,
+            request.generated,
+            candidates[: params.neighbours],
+            self.separator_ids,
+            self.engine.max_model_len - span,
+            layout=params.layout,
+            keep_same_neighbours=params.keep_same_neighbours,
+            candidates=candidates,
+            neighbour_tokens=params.neighbour_tokens,
+        )
+        pending = []
+        if request.chunk_mode:
+            # Provenance names the neighbours in the context, as this retrieval found them (a
+            # continued context keeps chunks that are among its candidates, with their new scores).
+            kept = set(request.built.neighbour_ids) if request.built.continued else None
+            neighbours = (candidates[: params.neighbours] if kept is None
+                          else [n for n in candidates if n.chunk_id in kept])
+            start, start_char = len(request.generated), len(request.output.text)
+            pending.append(RetrievalEvent(query_text, start, start, start_char, start_char, neighbours=neighbours,
+                                          seconds=seconds, missing_shards=missing))
+            request.retrievals.extend(pending)
+        request.continued_segments += request.built.continued
+        request.segment_start = len(request.generated)
+        request.engine_prompt_tokens += len(request.built.token_ids)
+        return pending
+
+    @staticmethod
+    def _sampling(request: "_Request", span: int, knn: KnnRequestSettings | None) -> SegmentSampling:
+        params, seed = request.params, request.seed
+        return SegmentSampling(
+            max_tokens=span,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=None if seed is None else (seed + 1_000_003 * request.segments) % (2**31),
+            logprobs=params.return_logprobs,
+            knn=knn,
+        )
+
+    # -- output processing --------------------------------------------------------------------
+
+    @staticmethod
+    def _take(request: "_Request", delta, pending: list[RetrievalEvent]) -> GenerationDelta | None:
+        """Add an engine delta to the request; what to stream, or None when a stop sequence ended
+        the request (its tokens then go out with the result)."""
+        params = request.params
+        if delta.num_cached_tokens is not None and delta.token_ids and len(request.generated) == request.segment_start:
+            request.cached_tokens += delta.num_cached_tokens
+        if delta.token_ids and request.ttft is None:
+            request.ttft = time.perf_counter() - request.started
+        request.generated.extend(delta.token_ids)
+        request.logprobs.extend(delta.logprobs or [])
+        text = request.output.extend(delta.token_ids)
+        out = GenerationDelta(token_ids=list(delta.token_ids), logprobs=list(delta.logprobs or []), retrievals=pending)
+        hit = find_stop(text, params.stop_sequences, request.emitted_chars)
+        if hit is not None:
+            index, request.stop_sequence = hit
+            request.final_text = text[: index + (len(request.stop_sequence) if params.include_stop_sequence else 0)]
+            request.stop_reason = StopReason.STOP_SEQUENCE
+            request.unsent = out
+            return None
+        safe_end = safe_text_end(text, params.stop_sequences)
+        if safe_end > request.emitted_chars:
+            out.text = text[request.emitted_chars:safe_end]
+            request.emitted_chars = safe_end
+        return out
+
+    @staticmethod
+    def _end_segment(request: "_Request", finish_reason: str | None) -> None:
+        if request.chunk_mode:
+            request.retrievals[-1].end_token = len(request.generated)
+        request.segments += 1
+        if request.stop_reason is not None:
+            return
+        if finish_reason == "stop":
+            request.stop_reason = StopReason.EOS_TOKEN
+        elif len(request.generated) >= request.params.max_new_tokens:
+            request.stop_reason = StopReason.MAX_TOKENS
+        elif finish_reason == "abort":
+            request.stop_reason = StopReason.CANCELLED
+
+    def _finish(self, request: "_Request") -> GenerationDelta:
+        """The last delta: the text not streamed yet and the result (metrics observed)."""
+        if request.stop_reason != StopReason.STOP_SEQUENCE:
+            request.final_text = self.decode(request.generated)
+        if request.retrievals:
+            _char_spans(request.retrievals, request.generated, self.decode, len(request.final_text))
         if self.metrics is not None:
             self.metrics.observe_generation(
-                len(prompt_ids), len(generated), len(retrievals), cached_tokens,
-                engine_prompt_tokens=engine_prompt_tokens, mode=settings.retrieval_mode,
-                continued_segments=continued_segments,
+                len(request.prompt_ids), len(request.generated), len(request.retrievals), request.cached_tokens,
+                engine_prompt_tokens=request.engine_prompt_tokens, mode=request.params.retrieval_mode,
+                continued_segments=request.continued_segments,
             )
         result = GenerationResult(
-            text=final_text,
-            token_ids=generated,
-            logprobs=logprobs,
-            prompt_tokens=len(prompt_ids),
-            stop_reason=stop_reason,
-            stop_sequence=stop_sequence,
-            seed=seed,
-            retrievals=retrievals,
-            ttft_s=ttft,
-            total_s=time.perf_counter() - started,
-            retrieval_s=retrieval_s,
-            engine_prompt_tokens=engine_prompt_tokens,
-            cached_prompt_tokens=cached_tokens,
-            continued_segments=continued_segments,
+            text=request.final_text,
+            token_ids=request.generated,
+            logprobs=request.logprobs,
+            prompt_tokens=len(request.prompt_ids),
+            stop_reason=request.stop_reason,
+            stop_sequence=request.stop_sequence,
+            seed=request.seed,
+            retrievals=request.retrievals,
+            ttft_s=request.ttft,
+            total_s=time.perf_counter() - request.started,
+            retrieval_s=request.retrieval_s,
+            engine_prompt_tokens=request.engine_prompt_tokens,
+            cached_prompt_tokens=request.cached_tokens,
+            continued_segments=request.continued_segments,
         )
-        tail = final_text[emitted_chars:] if len(final_text) > emitted_chars else ""
-        yield GenerationDelta(text=tail, token_ids=unsent.token_ids, logprobs=unsent.logprobs,
-                              retrievals=unsent.retrievals, result=result)
+        final_text, unsent = request.final_text, request.unsent
+        tail = final_text[request.emitted_chars:] if len(final_text) > request.emitted_chars else ""
+        return GenerationDelta(text=tail, token_ids=unsent.token_ids, logprobs=unsent.logprobs,
+                               retrievals=unsent.retrievals, result=result)
 
 
-def _find_stop(text: str, stops: Sequence[str], emitted: int, max_stop: int) -> tuple[int, str] | None:
-    """Earliest stop sequence in the not-yet-emitted part of the text (plus overlap)."""
-    if not stops:
-        return None
-    start = max(0, emitted - max_stop)
-    best = None
-    for stop in stops:
-        index = text.find(stop, start)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    return best
+@dataclass
+class _Request:
+    """One request's progress through its engine segments: the loop's state."""
+
+    params: GenerationParams
+    chunk_mode: bool
+    seed: int | None
+    started: float
+    prompt_ids: list[int]
+    output: OutputText
+    fetched: int
+    """Candidates each retrieval fetches (k, plus the rank margin when neighbours may be kept)."""
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    retrievals: list[RetrievalEvent] = field(default_factory=list)
+    built: context.BuiltContext | None = None
+    """The latest segment's context; `segment_start` is where its output began."""
+    segment_start: int = 0
+    segments: int = 0
+    ttft: float | None = None
+    retrieval_s: float = 0.0
+    engine_prompt_tokens: int = 0
+    cached_tokens: int = 0
+    continued_segments: int = 0
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    final_text: str = ""
+    emitted_chars: int = 0
+    unsent: GenerationDelta = field(default_factory=GenerationDelta)
+    """Tokens, log-probs and retrievals of the delta a stop sequence ended (sent with the result)."""
 
 
 def _char_spans(retrievals: list[RetrievalEvent], generated: list[int], decode, text_chars: int) -> None:

@@ -68,7 +68,7 @@ class KnnRequestSettings:
     @classmethod
     def from_knn_fields(cls, settings) -> "KnnRequestSettings":
         """From an object carrying the API's names for these knobs (knn_lambda, knn_k,
-        knn_temperature, knn_skip_above_prob, knn_pointer_min): server.core.generation.LoopSettings,
+        knn_temperature, knn_skip_above_prob, knn_pointer_min): server.core.params.GenerationParams,
         server.evaluation.scoring.EvalSettings."""
         return cls(lam=settings.knn_lambda, k=settings.knn_k, temperature=settings.knn_temperature,
                    skip_above_prob=settings.knn_skip_above_prob, pointer_min=settings.knn_pointer_min)
