@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc, retroserve_pb2, retroserve_pb2_grpc
+from server.api import hosting
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -76,13 +75,7 @@ class RunningServer:
         return await self.datastores.reload(path)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        await hosting.set_serving(self.health, SERVICE_NAME, serving)
 
     async def shutdown(self, grace_s: float) -> None:
         """Drain, then stop: health turns NOT_SERVING (probes keep getting answers, so the load
@@ -104,12 +97,8 @@ class RunningServer:
             await self.datastores.close()
         if self.engine is not None and self.owns_engine:
             self.engine.shutdown()
-        if self.metrics_server is not None:
-            from server.observability.metrics import stop_metrics_server
-
-            stop_metrics_server(*self.metrics_server)
         if self.metrics is not None:
-            self.metrics.close()
+            hosting.stop_metrics(self.metrics, self.metrics_server)
         self.stopped.set()
 
 
@@ -218,7 +207,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     from server.api import service as service_module
     from server.api.admin import AdminService
     from server.api.auth import BearerTokens
-    from server.observability.metrics import Metrics, split_address, start_metrics_server, stop_metrics_server
+    from server.observability.metrics import Metrics
     from server.api.tls import certificates_for
 
     if engine is None:
@@ -228,43 +217,19 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
     tokens = BearerTokens.from_config(config.security)
     await asyncio.get_running_loop().run_in_executor(None, check_datastore, config, with_datastore)
     metrics = Metrics(registry=registry)
+    metrics_server, metrics_port = hosting.start_metrics(metrics, config.metrics_address)
+    server = hosting.grpc_server(interceptors_for(config, metrics, tokens), config.limits.max_message_bytes,
+                                 ("grpc.max_connection_age_ms", 30 * 60_000),
+                                 ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000)))
+    health = hosting.add_health_and_reflection(server, (SERVICE_NAME, ADMIN_SERVICE_NAME))
     try:
-        metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address, registry=metrics.exposed_registry)
-    except OSError as error:
-        metrics.close()
-        raise OSError(f"cannot listen for metrics on {config.metrics_address} ({error.strerror}); "
-                      "is another server running? choose another --metrics-address") from error
-    server = grpc.aio.server(
-        interceptors=interceptors_for(config, metrics, tokens),
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-            ("grpc.max_send_message_length", config.limits.max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.max_connection_age_ms", 30 * 60_000),
-            ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000)),
-        ],
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
-    host, port = split_address(config.address)
-    listen = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    try:
-        if certificates is None:
-            bound = server.add_insecure_port(listen)
-        else:
-            bound = server.add_secure_port(listen, certificates.server_credentials())
-    except RuntimeError as error:
-        stop_metrics_server(metrics_http, metrics_thread)
-        metrics.close()
-        raise OSError(f"cannot listen for gRPC on {config.address} ({error}); is another server "
-                      "running? choose another --address") from error
+        host, bound = hosting.bind(server, config.address,
+                                   None if certificates is None else certificates.server_credentials())
+    except OSError:
+        hosting.stop_metrics(metrics, metrics_server)
+        raise
     running = RunningServer(server, bound, metrics_port, health, metrics=metrics,
-                            metrics_server=(metrics_http, metrics_thread), certificates=certificates)
+                            metrics_server=metrics_server, certificates=certificates)
     await running.set_serving(False)
     await server.start()
     transport = "plaintext" if certificates is None else ("mutual TLS" if certificates.mutual else "TLS")

@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from protos.retroserve.v1 import retriever_pb2, retriever_pb2_grpc
+from server.api import hosting
 from server.config import RetrieverServerConfig
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,7 @@ class RunningRetriever:
     stopped: bool = False
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        await hosting.set_serving(self.health, SERVICE_NAME, serving)
 
     async def shutdown(self, grace_s: float) -> None:
         """NOT_SERVING first (the server's fan-out and probes see it), then stop after `grace_s`."""
@@ -56,47 +53,27 @@ class RunningRetriever:
         self.executor.shutdown(wait=True)
         if self.datastore is not None:
             self.datastore.close()
-        from server.observability.metrics import stop_metrics_server
-
-        stop_metrics_server(*self.metrics_server)
-        self.metrics.close()
+        hosting.stop_metrics(self.metrics, self.metrics_server)
 
 
 async def start(config: RetrieverServerConfig, registry=None) -> RunningRetriever:
     """Open the port, then the datastore; returns once health is SERVING (or raises)."""
     from retriever.datastore import Datastore
     from retriever.shard_service import RetrieverServicer
-    from server.observability.metrics import split_address
     from server.api.errors import ErrorInterceptor
-    from server.observability.metrics import RetrieverMetrics, start_metrics_server, stop_metrics_server
+    from server.observability.metrics import RetrieverMetrics
 
     metrics = RetrieverMetrics(registry=registry)
+    metrics_server, metrics_port = hosting.start_metrics(metrics, config.metrics_address)
+    server = hosting.grpc_server([ErrorInterceptor(metrics)], config.max_message_bytes)
+    health = hosting.add_health_and_reflection(server, (SERVICE_NAME,))
     try:
-        metrics_http, metrics_thread, metrics_port = start_metrics_server(config.metrics_address,
-                                                                          registry=metrics.exposed_registry)
-    except OSError as error:
-        metrics.close()
-        raise OSError(f"cannot listen for metrics on {config.metrics_address} ({error.strerror}); "
-                      "choose another --metrics-address") from error
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                 ("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.keepalive_time_ms", 60_000)],
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    host, port = split_address(config.address)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
-    except RuntimeError as error:
-        stop_metrics_server(metrics_http, metrics_thread)
-        metrics.close()
-        raise OSError(f"cannot listen for gRPC on {config.address} ({error}); choose another --address") from error
+        host, bound = hosting.bind(server, config.address)
+    except OSError:
+        hosting.stop_metrics(metrics, metrics_server)
+        raise
     executor = ThreadPoolExecutor(max_workers=config.search_threads, thread_name_prefix="shard-search")
-    running = RunningRetriever(server, bound, metrics_port, health, metrics, (metrics_http, metrics_thread), executor)
+    running = RunningRetriever(server, bound, metrics_port, health, metrics, metrics_server, executor)
     await running.set_serving(False)
     await server.start()
     try:
