@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -81,10 +80,6 @@ class BuildResult:
     manifest: dict
 
 
-def work_dir_for(output: Path) -> Path:
-    return output.with_name(output.name + ".building")
-
-
 def _build_key(config: BuildConfig, tokenizer_fp: str, embedder: dict, chunks) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({
@@ -98,27 +93,6 @@ def _build_key(config: BuildConfig, tokenizer_fp: str, embedder: dict, chunks) -
         digest.update(chunk.text.encode())
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _prepare_work_dir(work: Path, key: str) -> Path:
-    """`work/shards` holding only shards made under `key` (older ones are discarded)."""
-    key_file = work / "key.json"
-    if work.exists():
-        previous = None
-        try:
-            previous = json.loads(key_file.read_text()).get("key")
-        except (OSError, ValueError, AttributeError):
-            pass  # missing, or cut short by a kill: the shards cannot be trusted to match
-        if previous != key:
-            log.warning("discarding %s: it belongs to a build with other inputs or arguments", work)
-            shutil.rmtree(work)
-    (work / "shards").mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: a build killed while writing it left an empty key.json that
-    # json.loads refused on every later run, so the build could neither resume nor start over.
-    partial = key_file.with_suffix(".json.tmp")
-    partial.write_text(json.dumps({"key": key}))
-    os.replace(partial, key_file)
-    return work / "shards"
 
 
 def build_datastore(config: BuildConfig, encoder: QueryEncoder | None = None) -> BuildResult:
@@ -160,8 +134,8 @@ def build_datastore(config: BuildConfig, encoder: QueryEncoder | None = None) ->
 
     encoder = encoder or QueryEncoder(backend=config.embedder_backend, batch_size=config.batch_size)
     embedder = encoder.describe()
-    work = work_dir_for(output)
-    shards = _prepare_work_dir(work, _build_key(config, tokenizer_fp, embedder, chunks))
+    work = publish.work_dir_for(output)
+    shards = publish.prepare_work_dir(work, _build_key(config, tokenizer_fp, embedder, chunks))
     vectors, embed_stats = embedding.embed_resumable(
         [chunk.text for chunk in chunks],
         lambda texts: encoder.encode(texts, batch_size=config.batch_size),

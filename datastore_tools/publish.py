@@ -8,6 +8,7 @@ one in, then deletes the old one; `os.replace` cannot replace a non-empty direct
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -51,3 +52,30 @@ def staged(output: Path, force: bool) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def work_dir_for(output: Path) -> Path:
+    """Where a build of `output` keeps its resumable work (shards, key.json) until it publishes."""
+    return output.with_name(output.name + ".building")
+
+
+def prepare_work_dir(work: Path, key: str) -> Path:
+    """`work/shards` holding only shards made under `key`: a build resumes from the shards of an
+    interrupted build with the same inputs and arguments (the key) and discards any others."""
+    key_file = work / "key.json"
+    if work.exists():
+        previous = None
+        try:
+            previous = json.loads(key_file.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            pass  # missing, or cut short by a kill: the shards cannot be trusted to match
+        if previous != key:
+            log.warning("discarding %s: it belongs to a build with other inputs or arguments", work)
+            shutil.rmtree(work)
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: a kill leaves the old key.json or the new one, never a cut-short
+    # file (which would be read as "another build" and discard finished shards, or worse).
+    partial = key_file.with_suffix(".json.tmp")
+    partial.write_text(json.dumps({"key": key}))
+    os.replace(partial, key_file)
+    return work / "shards"

@@ -157,18 +157,6 @@ def _build_key(config: TokenBuildConfig, model_fp: str, token_lists: list[list[i
     return digest.hexdigest()
 
 
-def _prepare_work_dir(work: Path, key: str) -> Path:
-    key_file = work / "key.json"
-    if work.exists():
-        previous = json.loads(key_file.read_text()).get("key") if key_file.is_file() else None
-        if previous != key:
-            log.warning("discarding %s: it belongs to a build with other inputs or arguments", work)
-            shutil.rmtree(work)
-    (work / "shards").mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps({"key": key}))
-    return work / "shards"
-
-
 def compute_all_keys(config: TokenBuildConfig, token_lists: list[list[int]], shards: Path,
                      model_dir: Path) -> tuple[list[np.ndarray], dict]:
     """Keys per document, reusing finished shards; returns (keys per document, stats)."""
@@ -211,6 +199,41 @@ def choose_factory(n: int) -> str:
     return f"IVF{nlist},PQ64"
 
 
+def _entries(token_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per corpus position: its value (the next token), its document, and the position after it
+    in the same document (-1 at a document's end), which pointer following walks."""
+    values = np.concatenate([np.asarray(ids[1:], dtype=np.int32) for ids in token_lists])
+    doc_ids = np.concatenate([np.full(len(ids) - 1, number, dtype=np.int32) for number, ids in enumerate(token_lists)])
+    next_ids = np.arange(1, len(values) + 1, dtype=np.int64)
+    next_ids[np.cumsum([len(ids) - 1 for ids in token_lists]) - 1] = -1
+    return values, doc_ids, next_ids
+
+
+def _manifest(config: TokenBuildConfig, output: Path, documents, skipped, entries: int, hidden: int, start_ids,
+              index_info: dict, seconds: dict, key_stats: dict, model_fp: str, tokenizer_fp: str) -> dict:
+    build_args = {key: (str(value) if isinstance(value, Path) else value)
+                  for key, value in dataclasses.asdict(config).items()
+                  if key not in ("progress", "stop_after_documents", "force", "output")}
+    build_args["inputs"] = [str(path) for path in config.inputs]
+    return {
+        "schema_version": fmt.SCHEMA_VERSION,
+        "mode": tds.MODE,
+        "name": config.name or output.name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "tokenizer": {"fingerprint": tokenizer_fp, "model_dir": str(Path(config.model_dir))},
+        "model": {"fingerprint": model_fp, "name": Path(config.model_dir).name},
+        "keys": {"what": "final hidden state (after the last norm) at each position; value = next token",
+                 "computed_with": f"transformers {key_stats['key_dtype']} on the served weights", "dim": hidden,
+                 "window": config.window, "stride": config.stride, "document_start_ids": start_ids},
+        "dims": index_info["dims"],
+        "pca": index_info["pca"],
+        "index": index_info["index"],
+        "counts": {"documents": len(documents), "entries": entries},
+        "build": {"arguments": build_args, "seconds": seconds, **key_stats,
+                  "skipped_inputs": skipped},
+    }
+
+
 def build_token_datastore(config: TokenBuildConfig) -> TokenBuildResult:
     """Build and publish a token datastore; raises DatastoreToolError on bad input."""
     output = Path(config.output)
@@ -246,18 +269,14 @@ def build_token_datastore(config: TokenBuildConfig) -> TokenBuildResult:
         index_factory.validate("Flat", hidden, config.pca + 1, config.pca, metric="l2")
     index_factory.validate(factory, hidden, n, config.pca, metric="l2")
 
-    work = output.with_name(output.name + ".building")
-    shards = _prepare_work_dir(work, _build_key(config, model_fp, token_lists))
+    work = publish.work_dir_for(output)
+    shards = publish.prepare_work_dir(work, _build_key(config, model_fp, token_lists))
     keys_per_doc, key_stats = compute_all_keys(config, token_lists, shards, model_dir)
     seconds["keys"] = key_stats.pop("key_seconds")
 
     keys = np.concatenate(keys_per_doc, axis=0) if keys_per_doc else np.zeros((0, hidden), np.float32)
     del keys_per_doc  # the per-document arrays would otherwise stay alive beside `keys` and the index
-    values = np.concatenate([np.asarray(ids[1:], dtype=np.int32) for ids in token_lists])
-    doc_ids = np.concatenate([np.full(len(ids) - 1, number, dtype=np.int32) for number, ids in enumerate(token_lists)])
-    next_ids = np.arange(1, n + 1, dtype=np.int64)
-    ends = np.cumsum([len(ids) - 1 for ids in token_lists]) - 1
-    next_ids[ends] = -1  # a document's last position has no successor
+    values, doc_ids, next_ids = _entries(token_lists)
 
     index, index_info = index_factory.build_index(
         keys, factory, config.pca, seed=config.seed, search_params={"nprobe": config.nprobe}, metric="l2",
@@ -278,27 +297,8 @@ def build_token_datastore(config: TokenBuildConfig) -> TokenBuildResult:
         (stage / tds.DOCS_FILE).write_text(json.dumps(
             [{"source": d.source, "title": d.title} for d in documents], ensure_ascii=False))
         seconds["write"] = time.perf_counter() - started
-        build_args = {key: (str(value) if isinstance(value, Path) else value)
-                      for key, value in dataclasses.asdict(config).items()
-                      if key not in ("progress", "stop_after_documents", "force", "output")}
-        build_args["inputs"] = [str(path) for path in config.inputs]
-        manifest = {
-            "schema_version": fmt.SCHEMA_VERSION,
-            "mode": tds.MODE,
-            "name": config.name or output.name,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "tokenizer": {"fingerprint": tokenizer_fp, "model_dir": str(model_dir)},
-            "model": {"fingerprint": model_fp, "name": model_dir.name},
-            "keys": {"what": "final hidden state (after the last norm) at each position; value = next token",
-                     "computed_with": f"transformers {key_stats['key_dtype']} on the served weights", "dim": hidden,
-                     "window": config.window, "stride": config.stride, "document_start_ids": start_ids},
-            "dims": index_info["dims"],
-            "pca": index_info["pca"],
-            "index": index_info["index"],
-            "counts": {"documents": len(documents), "entries": n},
-            "build": {"arguments": build_args, "seconds": seconds, **key_stats,
-                      "skipped_inputs": report.skipped},
-        }
+        manifest = _manifest(config, output, documents, report.skipped, n, hidden, start_ids, index_info, seconds,
+                             key_stats, model_fp, tokenizer_fp)
         manifest = write_manifest(stage, manifest)
         publish.publish(stage, output, config.force)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datastore_tools.build import work_dir_for
+from datastore_tools.publish import work_dir_for
 from datastore_tools.verify import verify_datastore
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from datastore_tools import cli
-from datastore_tools.build import BuildConfig, build_datastore, work_dir_for
+from datastore_tools.build import BuildConfig, build_datastore
+from datastore_tools.publish import work_dir_for
 from datastore_tools.embedding import SimulatedInterruption
 from datastore_tools.errors import DatastoreToolError
 from datastore_tools.prune import prune_datastore

@@ -96,7 +96,8 @@ def test_a_swap_to_a_damaged_datastore_is_refused_and_the_old_keeps_serving(name
 def test_a_build_killed_while_writing_its_key_resumes(corpus_dir, tokenizer_dir, encoder, tmp_path):
     """A kill between truncating and writing `<output>.building/key.json` left it empty, and every
     later run of the same build failed on it (JSONDecodeError) instead of starting over."""
-    from datastore_tools.build import BuildConfig, build_datastore, work_dir_for
+    from datastore_tools.build import BuildConfig, build_datastore
+    from datastore_tools.publish import work_dir_for
     from datastore_tools.verify import verify_datastore
 
     output = tmp_path / "store"
@@ -106,6 +107,27 @@ def test_a_build_killed_while_writing_its_key_resumes(corpus_dir, tokenizer_dir,
     build_datastore(BuildConfig(output=output, model_dir=tokenizer_dir, inputs=[corpus_dir], index="Flat",
                                 shard_size=8, batch_size=8, progress=False), encoder=encoder)
     assert verify_datastore(output) == [] and not work.exists()
+
+
+def test_a_token_build_with_a_cut_short_key_starts_over_instead_of_reusing_its_shards(corpus_dir,
+                                                                                  prepared_model_dir, tmp_path):
+    """The token build shares the chunk build's work directory (publish.prepare_work_dir): an empty
+    key.json means unknown inputs, so a shard left beside it (here one of the wrong width, which
+    would break the index if reused) is discarded and the build completes."""
+    import numpy as np
+
+    from datastore_tools.publish import work_dir_for
+    from datastore_tools.token_build import TokenBuildConfig, build_token_datastore
+
+    output = tmp_path / "tokens"
+    work = work_dir_for(output)
+    (work / "shards").mkdir(parents=True)
+    (work / "key.json").write_text("")
+    np.save(work / "shards" / "doc-000000.npy", np.zeros((3, 7), dtype=np.float32))
+    result = build_token_datastore(TokenBuildConfig(output=output, model_dir=prepared_model_dir, inputs=[corpus_dir],
+                                                    window=256, stride=128, progress=False))
+    assert result.manifest["build"]["resumed_positions"] == 0
+    assert (output / "manifest.json").is_file() and not work.exists()
 
 
 def test_serve_with_a_bm25_retriever_refuses_a_datastore_without_its_index_before_loading_the_engine(
