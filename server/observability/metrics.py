@@ -48,6 +48,10 @@ SHARD_FAILURE_REASONS = ("timeout", "unavailable", "error")
 """Why a datastore shard's results were missing (retriever.datastore.MissingShard.reason)."""
 
 
+def _name(suffix: str) -> str:
+    return f"{PREFIX}_{suffix}"
+
+
 class Metrics:
     """All metrics of one server. Attributes are prometheus_client metric objects.
 
@@ -103,77 +107,10 @@ class Metrics:
         self.exposed_registry = self.registry
         """What the HTTP endpoint should serve: with the default registry, vLLM's metrics too."""
 
-        def name(suffix: str) -> str:
-            return f"{PREFIX}_{suffix}"
-
         common = {"registry": self.registry}
-        self.request_latency = Histogram(
-            name("request_duration_seconds"), "Time to serve one RPC, from receipt to last byte.",
-            ["rpc", "mode"], buckets=REQUEST_BUCKETS, **common)
-        self.requests = Counter(
-            name("requests"), "RPCs finished, by gRPC status code.", ["rpc", "code"], **common)
-        self.errors = Counter(
-            name("errors"), "RPCs that ended with a gRPC status other than OK.", ["rpc", "code"], **common)
-        self.time_to_first_token = Histogram(
-            name("time_to_first_token_seconds"), "Request start to first generated token.",
-            ["mode"], buckets=FIRST_TOKEN_BUCKETS, **common)
-        self.inter_token_latency = Histogram(
-            name("inter_token_latency_seconds"), "Time between consecutive generated tokens.",
-            ["mode"], buckets=INTER_TOKEN_BUCKETS, **common)
-        self.prompt_tokens = Counter(
-            name("prompt_tokens"), "Prompt tokens of finished generation requests.", **common)
-        self.generated_tokens = Counter(
-            name("generated_tokens"), "Tokens generated, by retrieval mode.", ["mode"], **common)
-        self.requests_running = Gauge(
-            name("requests_running"), "Generation requests being decoded now.", **common)
-        self.requests_waiting = Gauge(
-            name("requests_waiting"), "Generation requests admitted but not started.", **common)
-        self.retrieval_latency = Histogram(
-            name("retrieval_duration_seconds"),
-            "One retrieval as the generation loop waits for it (batching window included).",
-            buckets=RETRIEVAL_BUCKETS, **common)
-        self.retrieval_phase_latency = Histogram(
-            name("retrieval_phase_duration_seconds"),
-            "Seconds per phase of one batched datastore call.", ["phase"],
-            buckets=RETRIEVAL_BUCKETS, **common)
-        self.retrieval_batch_queries = Histogram(
-            name("retrieval_batch_queries"), "Queries searched together in one datastore call.",
-            buckets=COUNT_BUCKETS, **common)
-        self.retrievals_per_request = Histogram(
-            name("retrievals_per_request"), "Retrievals made by one generation request.",
-            buckets=COUNT_BUCKETS, **common)
-        self.cache_hits = Counter(
-            name("retrieval_cache_hits"), "Retrieval queries answered by the query cache.",
-            ["kind"], **common)
-        self.cache_misses = Counter(
-            name("retrieval_cache_misses"), "Retrieval queries that went to the index.", **common)
-        self.shard_search_latency = Histogram(
-            name("shard_search_duration_seconds"),
-            "One datastore shard's answer to one batched search, as the server waited for it.",
-            ["shard"], buckets=RETRIEVAL_BUCKETS, **common)
-        self.shard_failures = Counter(
-            name("shard_failures"), "Batched searches a datastore shard did not answer, by reason.",
-            ["shard", "reason"], **common)
-        self.engine_prompt_tokens = Counter(
-            name("engine_prompt_tokens"),
-            "Prompt tokens handed to the engine, re-prompts after retrievals included.", **common)
-        self.prefix_cache_cached_tokens = Counter(
-            name("prefix_cache_cached_tokens"),
-            "Of the engine prompt tokens, those served from vLLM's prefix cache.", **common)
-        self.computed_prompt_tokens = Counter(
-            name("computed_prompt_tokens"),
-            "Engine prompt tokens computed (not served from the prefix cache), by retrieval mode.",
-            ["mode"], **common)
-        self.chunk_segments = Counter(
-            name("chunk_segments"),
-            "Chunk-mode segments after a retrieval: the previous context continued (same chunks) or rebuilt.",
-            ["context"], **common)
-        self.datastore_swaps = Counter(
-            name("datastore_swaps"),
-            "Datastore hot swaps (Admin.ReloadDatastore, SIGHUP) by outcome.", ["outcome"], **common)
-        self.retired_datastores_open = Gauge(
-            name("retired_datastores_open"),
-            "Swapped-out datastores still open for requests in flight.", **common)
+        self._declare_generation(common)
+        self._declare_retrieval(common)
+        self._declare_engine_cost(common)
         # Series with a fixed label set exist from the start, so rate() works before the first event.
         self._collectors = [value for value in vars(self).values() if isinstance(value, MetricWrapperBase)]
         for phase in RETRIEVAL_PHASES:
@@ -187,6 +124,82 @@ class Metrics:
             self.computed_prompt_tokens.labels(mode=mode)
         for how in SEGMENT_CONTEXTS:
             self.chunk_segments.labels(context=how)
+
+    def _declare_generation(self, common: dict) -> None:
+        """Requests, tokens and their latencies."""
+        self.request_latency = Histogram(
+            _name("request_duration_seconds"), "Time to serve one RPC, from receipt to last byte.",
+            ["rpc", "mode"], buckets=REQUEST_BUCKETS, **common)
+        self.requests = Counter(
+            _name("requests"), "RPCs finished, by gRPC status code.", ["rpc", "code"], **common)
+        self.errors = Counter(
+            _name("errors"), "RPCs that ended with a gRPC status other than OK.", ["rpc", "code"], **common)
+        self.time_to_first_token = Histogram(
+            _name("time_to_first_token_seconds"), "Request start to first generated token.",
+            ["mode"], buckets=FIRST_TOKEN_BUCKETS, **common)
+        self.inter_token_latency = Histogram(
+            _name("inter_token_latency_seconds"), "Time between consecutive generated tokens.",
+            ["mode"], buckets=INTER_TOKEN_BUCKETS, **common)
+        self.prompt_tokens = Counter(
+            _name("prompt_tokens"), "Prompt tokens of finished generation requests.", **common)
+        self.generated_tokens = Counter(
+            _name("generated_tokens"), "Tokens generated, by retrieval mode.", ["mode"], **common)
+        self.requests_running = Gauge(
+            _name("requests_running"), "Generation requests being decoded now.", **common)
+        self.requests_waiting = Gauge(
+            _name("requests_waiting"), "Generation requests admitted but not started.", **common)
+
+    def _declare_retrieval(self, common: dict) -> None:
+        """Retrieval, its cache and the datastore shards."""
+        self.retrieval_latency = Histogram(
+            _name("retrieval_duration_seconds"),
+            "One retrieval as the generation loop waits for it (batching window included).",
+            buckets=RETRIEVAL_BUCKETS, **common)
+        self.retrieval_phase_latency = Histogram(
+            _name("retrieval_phase_duration_seconds"),
+            "Seconds per phase of one batched datastore call.", ["phase"],
+            buckets=RETRIEVAL_BUCKETS, **common)
+        self.retrieval_batch_queries = Histogram(
+            _name("retrieval_batch_queries"), "Queries searched together in one datastore call.",
+            buckets=COUNT_BUCKETS, **common)
+        self.retrievals_per_request = Histogram(
+            _name("retrievals_per_request"), "Retrievals made by one generation request.",
+            buckets=COUNT_BUCKETS, **common)
+        self.cache_hits = Counter(
+            _name("retrieval_cache_hits"), "Retrieval queries answered by the query cache.",
+            ["kind"], **common)
+        self.cache_misses = Counter(
+            _name("retrieval_cache_misses"), "Retrieval queries that went to the index.", **common)
+        self.shard_search_latency = Histogram(
+            _name("shard_search_duration_seconds"),
+            "One datastore shard's answer to one batched search, as the server waited for it.",
+            ["shard"], buckets=RETRIEVAL_BUCKETS, **common)
+        self.shard_failures = Counter(
+            _name("shard_failures"), "Batched searches a datastore shard did not answer, by reason.",
+            ["shard", "reason"], **common)
+
+    def _declare_engine_cost(self, common: dict) -> None:
+        """What retrieval costs the engine (prefix cache, computed tokens) and hot swaps."""
+        self.engine_prompt_tokens = Counter(
+            _name("engine_prompt_tokens"),
+            "Prompt tokens handed to the engine, re-prompts after retrievals included.", **common)
+        self.prefix_cache_cached_tokens = Counter(
+            _name("prefix_cache_cached_tokens"),
+            "Of the engine prompt tokens, those served from vLLM's prefix cache.", **common)
+        self.computed_prompt_tokens = Counter(
+            _name("computed_prompt_tokens"),
+            "Engine prompt tokens computed (not served from the prefix cache), by retrieval mode.",
+            ["mode"], **common)
+        self.chunk_segments = Counter(
+            _name("chunk_segments"),
+            "Chunk-mode segments after a retrieval: the previous context continued (same chunks) or rebuilt.",
+            ["context"], **common)
+        self.datastore_swaps = Counter(
+            _name("datastore_swaps"),
+            "Datastore hot swaps (Admin.ReloadDatastore, SIGHUP) by outcome.", ["outcome"], **common)
+        self.retired_datastores_open = Gauge(
+            _name("retired_datastores_open"),
+            "Swapped-out datastores still open for requests in flight.", **common)
 
     def watch_knn(self, read_stats) -> None:
         """Expose the kNN-LM counters `read_stats()` returns (server/core/engine.py Engine.knn_stats)."""
