@@ -195,57 +195,71 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
     n = len(queries)
     k = np.asarray(k, dtype=np.int64)
     pointer_min = np.asarray(pointer_min, dtype=np.int64)
-    pool = np.maximum(k, pointer_pool)
     k_max = int(k.max()) if n else 1
-    out_d = np.full((n, k_max), PAD_DISTANCE, dtype=np.float32)
-    out_i = np.full((n, k_max), -1, dtype=np.int64)
-    searched = np.zeros(n, dtype=bool)
-    result = Neighbours(out_d, out_i, searched, {}, {})
-
-    def search(rows, width=k_max) -> tuple[np.ndarray, np.ndarray]:
-        found = store.search(queries[rows], width)
-        result.searches += 1
-        return found.distances, found.ids
-
-    def keep(row, distances, ids) -> None:
-        out_d[row, : k[row]] = distances[: k[row]]
-        out_i[row, : k[row]] = ids[: k[row]]
-
+    rows = _Rows(store, queries, k, Neighbours(np.full((n, k_max), PAD_DISTANCE, dtype=np.float32),
+                                               np.full((n, k_max), -1, dtype=np.int64), np.zeros(n, dtype=bool),
+                                               {}, {}))
     plain = np.nonzero(pointer_min <= 0)[0]
     if len(plain):
-        distances, ids = search(plain)
+        distances, ids = rows.search(plain, k_max)
         for j, row in enumerate(plain):
-            keep(row, distances[j], ids[j])
-        searched[plain] = True
+            rows.keep(row, distances[j], ids[j])
+        rows.result.searched[plain] = True
     pointer_rows = np.nonzero(pointer_min > 0)[0]
-    if not len(pointer_rows):
-        return result
-    if keys is None:
-        raise ValueError("pointer following needs KeyDistances over the datastore's index")
+    if len(pointer_rows):
+        if keys is None:
+            raise ValueError("pointer following needs KeyDistances over the datastore's index")
+        _walk_chains(rows, pointer_rows, keys, pointer_min, np.maximum(k, pointer_pool), chain, tokens, start_ids,
+                     prefetch, pointer_radius, start_radius or {})
+    return rows.result
+
+
+@dataclass
+class _Rows:
+    """The rows of one find_neighbours call and what it has found for them so far."""
+
+    store: object
+    queries: np.ndarray
+    k: np.ndarray
+    result: Neighbours
+
+    def search(self, rows, width: int) -> tuple[np.ndarray, np.ndarray]:
+        found = self.store.search(self.queries[rows], width)
+        self.result.searches += 1
+        return found.distances, found.ids
+
+    def keep(self, row, distances, ids) -> None:
+        self.result.distances[row, : self.k[row]] = distances[: self.k[row]]
+        self.result.ids[row, : self.k[row]] = ids[: self.k[row]]
+
+
+def _walk_chains(rows: _Rows, pointer_rows: np.ndarray, keys: KeyDistances, pointer_min: np.ndarray,
+                 pool: np.ndarray, chain: np.ndarray, tokens: np.ndarray, start_ids: dict, prefetch: int,
+                 pointer_radius: float, start_radius: dict) -> None:
+    """The pointer rows of find_neighbours, in waves: the i-th row of every chain follows the
+    neighbours of the (i-1)-th, or searches (with up to `prefetch` of its chain's next rows)."""
+    result, k, searched = rows.result, rows.k, rows.result.searched
     chains: dict[int, list[int]] = {}
     for row in pointer_rows:
         chains.setdefault(int(chain[row]), []).append(int(row))
-    in_space = keys.to_index_space(queries[pointer_rows])
+    in_space = keys.to_index_space(rows.queries[pointer_rows])
     space_row = {int(row): j for j, row in enumerate(pointer_rows)}
     previous = {c: (None if start_ids.get(c) is None else np.asarray(start_ids[c], dtype=np.int64)) for c in chains}
-    radius = {c: (start_radius or {}).get(c, np.inf) for c in chains}
+    radius = {c: start_radius.get(c, np.inf) for c in chains}
     fetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     wave = 0
-    while True:
-        heads = [(c, rows[wave]) for c, rows in chains.items() if wave < len(rows)]
-        if not heads:
-            break
+    while heads := [(c, chain_rows[wave]) for c, chain_rows in chains.items() if wave < len(chain_rows)]:
         must_search = []
         for c, row in heads:
             if previous[c] is not None:
-                candidates = follow_pointers(previous[c], store.values, store.next_ids, int(tokens[row]))
+                candidates = follow_pointers(previous[c], rows.store.values, rows.store.next_ids, int(tokens[row]))
                 if len(candidates) >= pointer_min[row]:
                     distances, ids = nearest_of(keys, in_space[space_row[row]], candidates,
                                                 max(int(k[row]), len(candidates)))
                     near = ((distances[ids >= 0] <= pointer_radius * radius[c]).sum() if pointer_radius > 0
                             else len(candidates))
                     if near >= pointer_min[row]:
-                        keep(row, distances, ids)
+                        rows.keep(row, distances, ids)
                         previous[c] = result.pointer_sets[row] = ids[ids >= 0]
                         result.radii[row] = radius[c]
                         continue
@@ -255,18 +269,16 @@ def find_neighbours(store, queries: np.ndarray, k: np.ndarray, pointer_min: np.n
         if must_search:
             batch = []
             for c, row in must_search:
-                rows = chains[c]
-                batch += [r for r in rows[wave: wave + max(1, prefetch)] if r not in fetched]
-            distances, ids = search(np.asarray(batch), int(pool[batch].max()))
+                batch += [r for r in chains[c][wave: wave + max(1, prefetch)] if r not in fetched]
+            distances, ids = rows.search(np.asarray(batch), int(pool[batch].max()))
             for j, row in enumerate(batch):
                 fetched[row] = (distances[j], ids[j])
         for c, row in heads:
             if searched[row]:
                 distances, ids = fetched.pop(row)
-                keep(row, distances, ids)
+                rows.keep(row, distances, ids)
                 seeds = ids[: pool[row]]
                 previous[c] = result.pointer_sets[row] = seeds[seeds >= 0]
                 used = distances[: k[row]][ids[: k[row]] >= 0]
                 radius[c] = result.radii[row] = float(used.max()) if len(used) else np.inf
         wave += 1
-    return result
