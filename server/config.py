@@ -6,7 +6,6 @@ setting is defined once. Cross-field checks raise ValueError showing the values.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,16 +350,3 @@ class RetrieverServerConfig:
         for name in ("search_threads", "max_queries", "max_k", "max_query_chars", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-
-
-def as_dict(config: ServerConfig) -> dict:
-    """Plain-JSON view of a config (paths as strings), for logs and the Info RPC."""
-
-    def convert(value):
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(dataclasses.asdict(config))

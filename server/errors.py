@@ -56,20 +56,6 @@ class EngineDead(RetroserveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(RetroserveError):
-    """The request's deadline passed before it could produce a result."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    log_level = logging.WARNING
-
-
-class Cancelled(RetroserveError):
-    """The request was cancelled on the server side (e.g. shutdown past the grace period)."""
-
-    code = grpc.StatusCode.CANCELLED
-    log_level = logging.WARNING
-
-
 class DatastoreUnavailable(RetroserveError):
     """The datastore is missing, inconsistent or of the wrong kind for the request."""
 

@@ -8,7 +8,6 @@ prefix caching, eager mode) measured fast on the CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -216,9 +215,6 @@ class Engine:
             if not finished and llm is not None and not self.errored:
                 await llm.abort(request_id)
 
-    async def check_health(self) -> None:
-        await self._llm.check_health()
-
     def shutdown(self) -> None:
         """Stop the engine processes; idempotent. vLLM's AsyncLLM.__del__ calls shutdown again,
         which at interpreter exit reaches module globals already set to None and prints an ignored
@@ -260,11 +256,3 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
         settings["stats_file"] = stats_file
     overrides = {"architectures": [KNN_ARCHITECTURE], HF_CONFIG_KEY: json.dumps(settings)}
     return datastore, overrides
-
-
-def engine_summary(engine: Engine) -> dict:
-    return {
-        "served_dir": str(engine.served_dir),
-        "served": engine.served_what,
-        **{k: str(v) for k, v in dataclasses.asdict(engine.config).items()},
-    }

@@ -18,7 +18,6 @@ importing this module turns them off for the process (vLLM's metrics included).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -392,9 +391,3 @@ def stop_metrics_server(server, thread: threading.Thread | None = None, timeout_
     server.server_close()
     if thread is not None:
         thread.join(timeout_s)
-
-
-def metric_names(registry: CollectorRegistry) -> Iterable[str]:
-    """Names of the metric families in a registry (for tests and debugging)."""
-    for family in registry.collect():
-        yield family.name
