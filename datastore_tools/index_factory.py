@@ -67,17 +67,10 @@ def _parse(factory: str, dim: int, metric: str = "inner_product") -> faiss.Index
         ) from error
 
 
-def _ivf(index: faiss.Index):
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
 def _quantizers(index: faiss.Index) -> list:
     """Product quantizers inside `index` (IVF-PQ or plain PQ) for training-size checks and seeding."""
     found = []
-    for candidate in (index, _ivf(index)):
+    for candidate in (index, faiss.try_extract_index_ivf(index)):
         if candidate is None:
             continue
         candidate = faiss.downcast_index(candidate)
@@ -88,7 +81,7 @@ def _quantizers(index: faiss.Index) -> list:
 
 def default_search_params(index: faiss.Index) -> dict:
     """Search-time knobs stored in the manifest: nprobe for IVF, efSearch for HNSW, none otherwise."""
-    ivf = _ivf(index)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return {"nprobe": int(min(ivf.nlist, max(8, ivf.nlist // 8)))}
     if "HNSW" in type(faiss.downcast_index(index)).__name__:
@@ -111,7 +104,7 @@ def validate(factory: str, dim: int, n: int, pca_dim: int | None, metric: str = 
             )
     index_dim = pca_dim or dim
     index = _parse(factory, index_dim, metric)
-    ivf = _ivf(index)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and n < ivf.nlist:
         fit = 2 ** max(0, int(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
         raise DatastoreToolError(
@@ -137,7 +130,7 @@ def validate(factory: str, dim: int, n: int, pca_dim: int | None, metric: str = 
 def _seed(index: faiss.Index, seed: int) -> None:
     """Seed k-means and PQ training; switch off polysemous training (an annealing of code order
     that only polysemous Hamming filtering uses, which we do not, and that takes minutes)."""
-    ivf = _ivf(index)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
     for pq in _quantizers(index):

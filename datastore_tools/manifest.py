@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from retriever.format import MANIFEST, SCHEMA_VERSION, sha256_file
+from artefacts.digest import sha256_file
+from retriever.format import MANIFEST, SCHEMA_VERSION
 
 
 def file_entries(datastore_dir: Path) -> dict[str, dict]:

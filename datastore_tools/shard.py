@@ -94,17 +94,10 @@ def _split_chain(index: faiss.Index) -> tuple[list, faiss.Index]:
     return [], index
 
 
-def _ivf(index: faiss.Index):
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
 def check_shardable(index: faiss.Index, factory: str) -> None:
     """Refuse indexes whose trained part cannot be shared, naming a factory that can."""
     _, inner = _split_chain(index)
-    ivf = _ivf(index)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         invlists = faiss.downcast_InvertedLists(ivf.invlists)
         if not isinstance(invlists, faiss.ArrayInvertedLists):
@@ -132,7 +125,7 @@ def trained_template(parent: faiss.Index) -> faiss.Index:
 
 def shard_index_bytes(parent: faiss.Index, template: faiss.Index, first: int, end: int) -> bytes:
     """Serialized index of the parent's entries with ids in [first, end), codes copied unchanged."""
-    ivf = _ivf(parent)
+    ivf = faiss.try_extract_index_ivf(parent)
     if ivf is not None:
         shard = faiss.clone_index(template)
         shard_ivf = faiss.extract_index_ivf(shard)
@@ -178,7 +171,7 @@ def shard_index_bytes(parent: faiss.Index, template: faiss.Index, first: int, en
 
 def stored_ids(index: faiss.Index) -> np.ndarray:
     """The ids an index returns, sorted (IVF list ids, an IndexIDMap's map, else 0..ntotal-1)."""
-    ivf = _ivf(index)
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         lists = faiss.downcast_InvertedLists(ivf.invlists)
         parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()

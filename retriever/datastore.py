@@ -20,6 +20,7 @@ import faiss
 import lmdb
 import numpy as np
 
+from artefacts.digest import sha256_file
 from retriever import device_search, sparse
 from retriever import format as fmt
 
@@ -176,7 +177,7 @@ def check_files(path: Path, manifest: dict, checksums: bool = False) -> list[str
         size = file_path.stat().st_size
         if size != entry.get("bytes"):
             problems.append(f"{relative}: {size} bytes, manifest says {entry.get('bytes')}")
-        elif checksums and fmt.sha256_file(file_path) != entry.get("sha256"):
+        elif checksums and sha256_file(file_path) != entry.get("sha256"):
             problems.append(f"{relative}: sha256 differs from manifest.json (modified or corrupt)")
     return problems
 

@@ -6,7 +6,6 @@ sides cannot drift apart; the writer depends on the reader, never the other way 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -42,14 +41,6 @@ def dumps(record: dict[str, Any]) -> bytes:
 
 def loads(raw: bytes) -> dict[str, Any]:
     return json.loads(raw)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest_file(path: Path) -> dict[str, Any]:

