@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
-from server.api import validation  # noqa: E402
+from protos.retroserve.v1.names import LAYOUT_FROM_PB  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
 from server.evaluation.cli import invocation, machine_description  # noqa: E402
 
@@ -257,7 +257,7 @@ def main() -> int:
                       "quantization": info.model.quantization, "dtype": info.model.dtype, "device": info.model.device},
             "datastore": {"name": info.datastore.name, "digest": info.datastore.manifest_digest,
                           "entries": info.datastore.entry_count, "index": info.datastore.index_factory},
-            "default_layout": validation.LAYOUT_FROM_PB.get(info.retrieval_defaults.layout, "prepend"),
+            "default_layout": LAYOUT_FROM_PB.get(info.retrieval_defaults.layout, "prepend"),
             "retrieval_defaults": MessageToDict(info.retrieval_defaults, preserving_proto_field_name=True),
             "scenarios": {name: SCENARIOS[name] for name in args.scenarios},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

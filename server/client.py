@@ -30,30 +30,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
 from protos.retroserve.v1 import retroserve_pb2 as pb
 from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from protos.retroserve.v1.names import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
 from server.api.auth import AUTHORIZATION_METADATA_KEY
 from server.config import Limits
 from server.core.request_context import REQUEST_ID_METADATA_KEY
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-MODES = {
-    None: pb.RETRIEVAL_MODE_UNSPECIFIED,
-    "none": pb.RETRIEVAL_MODE_NONE,
-    "chunk": pb.RETRIEVAL_MODE_CHUNK,
-    "token": pb.RETRIEVAL_MODE_TOKEN,
-    "hybrid": pb.RETRIEVAL_MODE_HYBRID,
-}
-LAYOUTS = {
-    None: pb.CONTEXT_LAYOUT_UNSPECIFIED,
-    "prepend": pb.CONTEXT_LAYOUT_PREPEND,
-    "after_prompt": pb.CONTEXT_LAYOUT_AFTER_PROMPT,
-    "suffix": pb.CONTEXT_LAYOUT_SUFFIX,
-}
-SHARD_POLICIES = {
-    None: pb.SHARD_POLICY_UNSPECIFIED,
-    "partial": pb.SHARD_POLICY_PARTIAL,
-    "require_all": pb.SHARD_POLICY_REQUIRE_ALL,
-}
+MODES = {None: pb.RETRIEVAL_MODE_UNSPECIFIED, **MODE_TO_PB}
+LAYOUTS = {None: pb.CONTEXT_LAYOUT_UNSPECIFIED, **LAYOUT_TO_PB}
+SHARD_POLICIES = {None: pb.SHARD_POLICY_UNSPECIFIED, **SHARD_POLICY_TO_PB}
+"""Each request enum by name; None leaves it unspecified (the server's default)."""
 
 
 def _enum(value, names: dict, what: str) -> int:

@@ -112,3 +112,23 @@ def test_stop_reasons_match_the_generation_loop():
     assert values
     for value in values:
         assert pb.StopReason.Name(stop_reason_to_pb(value)) == f"STOP_REASON_{value}"
+
+
+@pytest.mark.parametrize("enum, table, names", [
+    ("RetrievalMode", "MODE_FROM_PB", "RETRIEVAL_MODES"),
+    ("ContextLayout", "LAYOUT_FROM_PB", "CONTEXT_LAYOUTS"),
+    ("ShardPolicy", "SHARD_POLICY_FROM_PB", "SHARD_POLICIES"),
+])
+def test_every_enum_value_has_one_name_and_it_is_the_servers_setting(enum, table, names):
+    """protos/retroserve/v1/names.py: each value of the .proto enum but UNSPECIFIED has exactly
+    one name, the names are the server's settings (server/config.py), and the tables invert."""
+    from protos.retroserve.v1 import names as enum_names
+    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from server import config
+
+    from_pb = getattr(enum_names, table)
+    values = [v.number for v in pb.DESCRIPTOR.enum_types_by_name[enum].values if not v.name.endswith("_UNSPECIFIED")]
+    assert sorted(from_pb) == sorted(values)
+    assert sorted(from_pb.values()) == sorted(getattr(config, names))
+    to_pb = getattr(enum_names, table.replace("_FROM_PB", "_TO_PB"))
+    assert {number: name for name, number in to_pb.items()} == from_pb

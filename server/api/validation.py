@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protos.retroserve.v1 import retroserve_pb2 as pb
+from protos.retroserve.v1.names import LAYOUT_FROM_PB, MODE_FROM_PB, SHARD_POLICY_FROM_PB
 from server.config import Limits, RetrievalDefaults, modes_served
 from server.core.params import GenerationParams
 from server.errors import DatastoreUnavailable, InvalidArgument
@@ -25,24 +26,6 @@ from server.errors import DatastoreUnavailable, InvalidArgument
 MAX_SEED = 2**31 - 1
 """Seeds are in [0, 2**31 - 1]: the generation loop derives per-segment seeds modulo 2**31."""
 
-MODE_FROM_PB = {
-    pb.RETRIEVAL_MODE_NONE: "none",
-    pb.RETRIEVAL_MODE_CHUNK: "chunk",
-    pb.RETRIEVAL_MODE_TOKEN: "token",
-    pb.RETRIEVAL_MODE_HYBRID: "hybrid",
-}
-MODE_TO_PB = {name: number for number, name in MODE_FROM_PB.items()}
-LAYOUT_FROM_PB = {
-    pb.CONTEXT_LAYOUT_PREPEND: "prepend",
-    pb.CONTEXT_LAYOUT_AFTER_PROMPT: "after_prompt",
-    pb.CONTEXT_LAYOUT_SUFFIX: "suffix",
-}
-LAYOUT_TO_PB = {name: number for number, name in LAYOUT_FROM_PB.items()}
-SHARD_POLICY_FROM_PB = {
-    pb.SHARD_POLICY_PARTIAL: "partial",
-    pb.SHARD_POLICY_REQUIRE_ALL: "require_all",
-}
-SHARD_POLICY_TO_PB = {name: number for number, name in SHARD_POLICY_FROM_PB.items()}
 
 
 @dataclass(frozen=True)
