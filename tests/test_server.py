@@ -126,7 +126,7 @@ def test_greedy_without_retrieval_equals_the_engines_own_greedy_output(server, c
 def test_health_is_not_serving_until_the_engine_is_loaded(server, prepared_model_dir, server_datastore,
                                                           monkeypatch):
     """The port answers health checks with NOT_SERVING while the engine loads (the session's real
-    engine, handed over only when the test releases it), then SERVING."""
+    engine, handed over only when the test releases it) and calls with UNAVAILABLE, then SERVING."""
     import asyncio
     import threading
 
@@ -148,10 +148,17 @@ def test_health_is_not_serving_until_the_engine_is_loaded(server, prepared_model
         with RetroserveClient(config.address, timeout=5) as probe:
             assert probe.health(wait_for_ready=True) == "NOT_SERVING"
             assert probe.health("retroserve.v1.Retroserve") == "NOT_SERVING"
+            for call in (lambda: probe.generate(PROMPT, mode="none", max_new_tokens=2), probe.info,
+                         lambda: list(probe.generate_stream(PROMPT, mode="none", max_new_tokens=2))):
+                with pytest.raises(grpc.RpcError) as refused:  # retryable, not UNIMPLEMENTED
+                    call()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "still loading" in refused.value.details()
             assert not started.done()
             release.set()
             started.result(60)
             assert probe.health() == "SERVING"
+            assert probe.generate(PROMPT, mode="none", max_new_tokens=2).generated_token_count == 2
     finally:
         release.set()
         running = started.result(60)

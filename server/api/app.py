@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc, retroserve_pb2, retroserve_pb2_grpc
 from server.api import hosting
+from server.api.loading import AdminFront, RetroserveFront
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,9 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
                                  ("grpc.max_connection_age_ms", 30 * 60_000),
                                  ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000)))
     health = hosting.add_health_and_reflection(server, (SERVICE_NAME, ADMIN_SERVICE_NAME))
+    front, admin_front = RetroserveFront(), AdminFront()
+    retroserve_pb2_grpc.add_RetroserveServicer_to_server(front, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin_front, server)
     try:
         host, bound = hosting.bind(server, config.address,
                                    None if certificates is None else certificates.server_credentials())
@@ -250,8 +254,7 @@ async def start(config: ServerConfig, with_datastore: bool = True, registry=None
         await running.shutdown(0)
         raise
     service = service_module.RetroserveService(config, engine, running.datastores, metrics)
-    retroserve_pb2_grpc.add_RetroserveServicer_to_server(service, server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(running.datastores), server)
+    front.target, admin_front.target = service, AdminService(running.datastores)
     running.service = service
     running._tasks.append(asyncio.create_task(_watch_engine(running, config)))
     await running.set_serving(True)

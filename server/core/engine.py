@@ -175,9 +175,9 @@ class Engine:
             raise RuntimeError("token mode requested but the engine was started without a token datastore")
         finished = False
         try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
-            ):
+            # Rendered here, as vLLM's own token-in endpoint does: AsyncLLM deprecates raw prompts.
+            (engine_input,) = await self._llm.renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=prompt_ids)])
+            async for output in self._llm.generate(engine_input, params, request_id):
                 completion = output.outputs[0]
                 logprobs = None
                 if sampling.logprobs and completion.logprobs:
