@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from server.core.output import OutputText, find_stop, safe_text_end
+from server.core.output import OutputText, StopSequences
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,13 @@ def test_a_tokenizer_without_a_rust_backend_re_decodes_the_whole_output(tokenize
 
 
 def test_the_earliest_stop_sequence_wins_and_may_overlap_emitted_text():
-    assert find_stop("abc STOP def END", ["END", "STOP"], 0) == (4, "STOP")
-    assert find_stop("abc STOP", ["STOP"], 6) == (4, "STOP")  # started before the emitted end
-    assert find_stop("abc STOP", ["STOP"], 8 + 4) is None  # wholly emitted already: found before
-    assert find_stop("abc", [], 0) is None
+    assert StopSequences(["END", "STOP"]).find("abc STOP def END", 0) == (4, "STOP")
+    assert StopSequences(["STOP"]).find("abc STOP", 6) == (4, "STOP")  # started before the emitted end
+    assert StopSequences(["STOP"]).find("abc STOP", 8 + 4) is None  # wholly emitted already: found before
+    assert StopSequences([]).find("abc", 0) is None
 
 
 def test_streamed_text_stops_short_of_a_possible_stop_sequence_and_an_incomplete_character():
-    assert safe_text_end("hello wor", ["world"]) == len("hello wor") - 4
-    assert safe_text_end("hello", []) == 5
-    assert safe_text_end("hello\ufffd", []) == 5
+    assert StopSequences(["world"]).safe_end("hello wor") == len("hello wor") - 4
+    assert StopSequences([]).safe_end("hello") == 5
+    assert StopSequences([]).safe_end("hello\ufffd") == 5

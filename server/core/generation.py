@@ -22,7 +22,7 @@ from typing import Any
 from server.core import context
 from server.config import CHUNK_MODES
 from server.core.engine import Engine, SegmentSampling
-from server.core.output import OutputText, find_stop, safe_text_end
+from server.core.output import OutputText, StopSequences
 from server.core.params import GenerationParams
 from server.knn.settings import KnnRequestSettings
 
@@ -153,18 +153,15 @@ class Generator:
     # -- input processing: the next segment's context ----------------------------------------
 
     def _start(self, params: GenerationParams, batcher) -> "_Request":
-        chunk_mode = params.retrieval_mode in CHUNK_MODES
-        if chunk_mode and batcher is None:
+        if params.retrieval_mode in CHUNK_MODES and batcher is None:
             raise RuntimeError("chunk retrieval requested but the server has no datastore")
         seed = params.seed
         if seed is None and params.temperature > 0:
             seed = random.randrange(2**31)
         return _Request(
-            params=params, chunk_mode=chunk_mode, seed=seed, started=time.perf_counter(),
+            params=params, seed=seed, started=time.perf_counter(),
             prompt_ids=self.tokenize(params.prompt) if params.prompt_ids is None else list(params.prompt_ids),
-            output=OutputText(self.engine.tokenizer),
-            fetched=context.candidate_count(params.neighbours, params.keep_same_neighbours,
-                                            params.keep_rank_margin),
+            output=OutputText(self.engine.tokenizer), stops=StopSequences(params.stop_sequences),
         )
 
     async def _next_context(self, request: "_Request", batcher, span: int) -> list[RetrievalEvent]:
@@ -233,14 +230,14 @@ class Generator:
         request.logprobs.extend(delta.logprobs or [])
         text = request.output.extend(delta.token_ids)
         out = GenerationDelta(token_ids=list(delta.token_ids), logprobs=list(delta.logprobs or []), retrievals=pending)
-        hit = find_stop(text, params.stop_sequences, request.emitted_chars)
+        hit = request.stops.find(text, request.emitted_chars)
         if hit is not None:
             index, request.stop_sequence = hit
             request.final_text = text[: index + (len(request.stop_sequence) if params.include_stop_sequence else 0)]
             request.stop_reason = StopReason.STOP_SEQUENCE
             request.unsent = out
             return None
-        safe_end = safe_text_end(text, params.stop_sequences)
+        safe_end = request.stops.safe_end(text)
         if safe_end > request.emitted_chars:
             out.text = text[request.emitted_chars:safe_end]
             request.emitted_chars = safe_end
@@ -299,13 +296,11 @@ class _Request:
     """One request's progress through its engine segments: the loop's state."""
 
     params: GenerationParams
-    chunk_mode: bool
     seed: int | None
     started: float
     prompt_ids: list[int]
     output: OutputText
-    fetched: int
-    """Candidates each retrieval fetches (k, plus the rank margin when neighbours may be kept)."""
+    stops: StopSequences
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     retrievals: list[RetrievalEvent] = field(default_factory=list)
@@ -324,6 +319,16 @@ class _Request:
     emitted_chars: int = 0
     unsent: GenerationDelta = field(default_factory=GenerationDelta)
     """Tokens, log-probs and retrievals of the delta a stop sequence ended (sent with the result)."""
+
+    @property
+    def chunk_mode(self) -> bool:
+        return self.params.retrieval_mode in CHUNK_MODES
+
+    @property
+    def fetched(self) -> int:
+        """Candidates each retrieval fetches (k, plus the rank margin when neighbours may be kept)."""
+        return context.candidate_count(self.params.neighbours, self.params.keep_same_neighbours,
+                                       self.params.keep_rank_margin)
 
 
 def _char_spans(retrievals: list[RetrievalEvent], generated: list[int], decode, text_chars: int) -> None:

@@ -41,30 +41,32 @@ class OutputText:
         return self.text
 
 
-def longest_stop(stops: Sequence[str]) -> int:
-    return max((len(s) for s in stops), default=0)
+class StopSequences:
+    """A request's stop sequences, searched in the text as it grows (the longest one's length is
+    what a search must look back over and what streaming must hold back)."""
 
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
 
-def find_stop(text: str, stops: Sequence[str], emitted: int) -> tuple[int, str] | None:
-    """Earliest stop sequence in the not-yet-emitted part of the text (plus the overlap a stop
-    sequence can have with text already emitted)."""
-    if not stops:
-        return None
-    start = max(0, emitted - longest_stop(stops))
-    best = None
-    for stop in stops:
-        index = text.find(stop, start)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    return best
+    def find(self, text: str, emitted: int) -> tuple[int, str] | None:
+        """Earliest stop sequence in the not-yet-emitted part of the text (plus the overlap a stop
+        sequence can have with text already emitted)."""
+        if not self.stops:
+            return None
+        start = max(0, emitted - self.longest)
+        best = None
+        for stop in self.stops:
+            index = text.find(stop, start)
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        return best
 
-
-def safe_text_end(text: str, stops: Sequence[str]) -> int:
-    """How much of `text` may be streamed: not the last len(longest stop) - 1 characters (a stop
-    sequence may still complete there) nor a trailing replacement character (an incomplete
-    multi-byte character of the slow path)."""
-    longest = longest_stop(stops)
-    end = len(text) - (longest - 1 if longest else 0)
-    if text.endswith("\ufffd"):
-        end = min(end, len(text) - 1)
-    return end
+    def safe_end(self, text: str) -> int:
+        """How much of `text` may be streamed: not the last len(longest stop) - 1 characters (a stop
+        sequence may still complete there) nor a trailing replacement character (an incomplete
+        multi-byte character of the slow path)."""
+        end = len(text) - (self.longest - 1 if self.longest else 0)
+        if text.endswith("\ufffd"):
+            end = min(end, len(text) - 1)
+        return end
