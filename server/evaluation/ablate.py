@@ -20,9 +20,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from artefacts.cpu_kernels import machine_description
 from server.config import CHUNK_MODES
 from server.evaluation.cli import (add_intervals, add_scoring_arguments, exit_cleanly_on_sigterm, handles_errors,
-                                   heldout_from_args, invocation, machine_description, model_dir_from_args,
+                                   heldout_from_args, invocation, model_dir_from_args,
                                    print_table, score_grid, with_engine, write_results)
 from server.evaluation.scoring import EvalSettings
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from server.core import context
 from retriever.sparse import AUTO_SPARSE, METHODS as RETRIEVERS
+from artefacts.cpu_kernels import machine_description
 from server.config import CHUNK_MODES, CONTEXT_LAYOUTS, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES, RETRIEVAL_MODES
 from server.knn.settings import DEFAULT_KNN_K, DEFAULT_KNN_LAMBDA, DEFAULT_KNN_POINTER_POOL, DEFAULT_KNN_POINTER_RADIUS, DEFAULT_KNN_TEMPERATURE, knn_fractions
 
@@ -64,12 +65,6 @@ def read_split(path: Path) -> dict:
     except (OSError, ValueError, KeyError) as error:
         raise EvalError(f"{path} is not a split file ({error}); write one with `retroserve eval split`") from error
     return split
-
-
-def machine_description() -> dict:
-    from artefacts.cpu_kernels import machine_description as describe
-
-    return describe()
 
 
 def invocation() -> str:
