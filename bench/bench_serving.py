@@ -30,8 +30,8 @@ from google.protobuf.json_format import MessageToDict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
-from protos.retroserve.v1.names import LAYOUT_FROM_PB  # noqa: E402
+from retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
+from retroserve.v1.names import LAYOUT_FROM_PB  # noqa: E402
 from server.client import RetroserveClient, build_generate_request  # noqa: E402
 from artefacts.cpu_kernels import machine_description  # noqa: E402
 from server.evaluation.cli import invocation  # noqa: E402

@@ -50,8 +50,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from protos.retroserve.v1 import retroserve_pb2 as pb  # noqa: E402
-from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
+from retroserve.v1 import retroserve_pb2 as pb  # noqa: E402
+from retroserve.v1 import retroserve_pb2_grpc as pb_grpc  # noqa: E402
 from server.client import build_generate_request  # noqa: E402
 
 log = logging.getLogger("soak")

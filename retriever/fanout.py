@@ -28,8 +28,8 @@ import faiss
 import grpc
 import numpy as np
 
-from protos.retroserve.v1 import retriever_pb2 as rpb
-from protos.retroserve.v1 import retriever_pb2_grpc
+from retroserve.v1 import retriever_pb2 as rpb
+from retroserve.v1 import retriever_pb2_grpc
 from retriever import shard_wire
 from retriever.datastore import (
     BatchResults, DatastoreError, MissingShard, NeighbourRow, Timing, query_batch, require_fingerprint,

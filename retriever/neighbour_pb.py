@@ -7,7 +7,7 @@ so a shard process does not load the server's config or validation to answer a s
 
 from __future__ import annotations
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 
 
 def to_pb(neighbour) -> pb.Neighbour:

@@ -12,9 +12,9 @@ import asyncio
 import time
 from concurrent.futures import Executor
 
-from protos.retroserve.v1 import retriever_pb2 as rpb
-from protos.retroserve.v1 import retriever_pb2_grpc
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retriever_pb2 as rpb
+from retroserve.v1 import retriever_pb2_grpc
+from retroserve.v1 import retroserve_pb2 as pb
 from retriever import shard_wire
 from retriever.datastore import Datastore
 

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from protos.retroserve.v1 import retriever_pb2 as rpb
+from retroserve.v1 import retriever_pb2 as rpb
 from retriever import format as fmt
 from retriever import neighbour_pb
 from retriever.datastore import Neighbour

@@ -27,10 +27,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
-from protos.retroserve.v1.names import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
+from retroserve.v1 import admin_pb2, admin_pb2_grpc
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from retroserve.v1.names import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
 from server.api.auth import AUTHORIZATION_METADATA_KEY
 from server.config import Limits
 from server.core.request_context import REQUEST_ID_METADATA_KEY

@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2_grpc as pb_grpc
 from server.client import RetroserveClient, build_generate_request
 from server.cli.generate import add_generate_arguments, format_provenance, run_generate
 

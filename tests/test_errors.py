@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1 import retroserve_pb2_grpc as pb_grpc
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2_grpc as pb_grpc
 from server import errors
 from server.api.errors import ErrorInterceptor
 from server.observability.logging_setup import JsonFormatter, RequestIdFilter

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import proto_strategies
 from loopback import second_server, server_config
-from protos.retroserve.v1 import admin_pb2, retroserve_pb2 as pb
+from retroserve.v1 import admin_pb2, retroserve_pb2 as pb
 
 FUZZ_EXAMPLES = int(os.environ.get("RETROSERVE_FUZZ_EXAMPLES", "40"))
 CALL_TIMEOUT_S = 120

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 
 pytestmark = pytest.mark.engine
 
@@ -412,3 +412,4 @@ def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_pat
     assert skipped and kept
     assert [adaptive[1][i] for i in skipped] == [alone[1][i] for i in skipped]
     assert [adaptive[1][i] for i in kept] == [plain[1][i] for i in kept]
+

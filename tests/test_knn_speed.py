@@ -348,7 +348,7 @@ def test_count_weighting_matches_a_float64_reference():
 
 
 def test_speed_fields_are_validated_and_resolved_to_server_defaults():
-    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from retroserve.v1 import retroserve_pb2 as pb
     from server.config import RetrievalDefaults
     from server.errors import InvalidArgument
     from server.api.validation import ValidationContext, generation_params_from_pb

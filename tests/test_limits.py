@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from loopback import second_server, server_config
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 from server.client import RetroserveClient
 from server.config import SecurityConfig
 

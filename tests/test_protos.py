@@ -1,14 +1,18 @@
-"""The committed Python modules are what `python -m protos.generate` makes from the .proto files,
+"""The committed Python modules are what `python scripts/generate_protos.py` makes from the .proto files,
 and the API documents every field (the .proto is the reference clients in other languages read)."""
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from protos import generate
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("generate_protos", REPO_ROOT / "scripts" / "generate_protos.py")
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +27,20 @@ def regenerated(tmp_path_factory) -> Path:
     [name for proto in generate.PROTO_FILES for name in generate.generated_names(proto)],
 )
 def test_generated_modules_are_current(regenerated, relative):
-    committed = generate.REPO_ROOT / relative
-    assert committed.is_file(), f"{relative} is missing; run `python -m protos.generate`"
+    committed = generate.PROTO_ROOT / relative
+    assert committed.is_file(), f"{relative} is missing; run `python scripts/generate_protos.py`"
     assert (regenerated / relative).read_bytes() == committed.read_bytes(), (
-        f"{relative} is stale; run `python -m protos.generate` and commit the result"
+        f"{relative} is stale; run `python scripts/generate_protos.py` and commit the result"
     )
 
 
 def test_generated_imports_are_package_absolute():
-    """`-I <repo root>` makes the grpc module import its messages as a package, not a top-level name."""
-    grpc_module = (generate.REPO_ROOT / "protos/retroserve/v1/retroserve_pb2_grpc.py").read_text()
-    assert "from protos.retroserve.v1 import retroserve_pb2" in grpc_module
+    """`-I protos` makes the grpc module import its messages from the package `retroserve.v1` (the
+    proto package's path), which pyproject maps to protos/retroserve."""
+    grpc_module = (generate.PROTO_ROOT / "retroserve/v1/retroserve_pb2_grpc.py").read_text()
+    assert "from retroserve.v1 import retroserve_pb2" in grpc_module
+    import retroserve.v1.retroserve_pb2 as module
+    assert Path(module.__file__).resolve() == generate.PROTO_ROOT / "retroserve/v1/retroserve_pb2.py"
 
 
 def _source_info(proto_file: str):
@@ -46,11 +53,11 @@ def _source_info(proto_file: str):
         out = Path(tmp) / "set.pb"
         status = protoc.main([
             "grpc_tools.protoc",
-            f"-I{generate.REPO_ROOT}",
+            f"-I{generate.PROTO_ROOT}",
             f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
             "--include_source_info",
             f"--descriptor_set_out={out}",
-            str(generate.REPO_ROOT / proto_file),
+            str(generate.PROTO_ROOT / proto_file),
         ])
         assert status == 0
         descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
@@ -86,7 +93,7 @@ def test_info_reports_every_limit_and_retrieval_default():
     """LimitsInfo mirrors Limits field for field; RetrievalDefaultsInfo has every request knob."""
     import dataclasses
 
-    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from retroserve.v1 import retroserve_pb2 as pb
     from server.config import Limits, RetrievalDefaults
     from server.api.pb_convert import limits_to_pb, retrieval_defaults_to_pb
 
@@ -103,10 +110,10 @@ def test_stop_reasons_match_the_generation_loop():
     """server.core.generation.StopReason strings map onto the enum by prefix (read from source: no engine import)."""
     import ast
 
-    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from retroserve.v1 import retroserve_pb2 as pb
     from server.api.pb_convert import stop_reason_to_pb
 
-    source = (generate.REPO_ROOT / "server" / "core" / "generation.py").read_text()
+    source = (REPO_ROOT / "server" / "core" / "generation.py").read_text()
     stop_reason = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "StopReason")
     values = [node.value.value for node in stop_reason.body if isinstance(node, ast.Assign)]
     assert values
@@ -122,8 +129,8 @@ def test_stop_reasons_match_the_generation_loop():
 def test_every_enum_value_has_one_name_and_it_is_the_servers_setting(enum, table, names):
     """protos/retroserve/v1/names.py: each value of the .proto enum but UNSPECIFIED has exactly
     one name, the names are the server's settings (server/config.py), and the tables invert."""
-    from protos.retroserve.v1 import names as enum_names
-    from protos.retroserve.v1 import retroserve_pb2 as pb
+    from retroserve.v1 import names as enum_names
+    from retroserve.v1 import retroserve_pb2 as pb
     from server import config
 
     from_pb = getattr(enum_names, table)
@@ -132,3 +139,55 @@ def test_every_enum_value_has_one_name_and_it_is_the_servers_setting(enum, table
     assert sorted(from_pb.values()) == sorted(getattr(config, names))
     to_pb = getattr(enum_names, table.replace("_FROM_PB", "_TO_PB"))
     assert {number: name for name, number in to_pb.items()} == from_pb
+
+
+NODE_TOOLS = REPO_ROOT / "node_modules"
+"""`npm ci` (make install) puts buf and the Node.js gRPC packages here, pinned in package.json."""
+
+
+def node_tool(relative: str) -> Path:
+    """A tool installed by `npm ci`; skipped where this machine has no Node.js at all."""
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed (buf and the Node.js client test need it)")
+    tool = NODE_TOOLS / relative
+    assert tool.exists(), f"{tool} is missing: run `npm ci` (make install does, where npm is installed)"
+    return tool
+
+
+def run_buf(*args: str):
+    import subprocess
+
+    buf = node_tool(".bin/buf")
+    return subprocess.run([str(buf), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_buf_lint_passes_with_the_exceptions_buf_yaml_explains():
+    result = run_buf("lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_finds_no_break_against_the_previous_commit():
+    import subprocess
+
+    previous = subprocess.run(["git", "cat-file", "-e", "HEAD~1:buf.yaml"], cwd=REPO_ROOT, capture_output=True)
+    if previous.returncode != 0:
+        pytest.skip("the previous commit has no buf.yaml (it predates the proto root protos/), or this clone is shallow")
+    result = run_buf("breaking", "--against", ".git#ref=HEAD~1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_reports_a_removed_field(tmp_path):
+    """The check can fail: a copy of the protos without one field is a break against the committed ones."""
+    import shutil
+
+    copy = tmp_path / "module"
+    shutil.copytree(generate.PROTO_ROOT, copy / "protos", ignore=shutil.ignore_patterns("*.py", "*.pyi"))
+    shutil.copy(REPO_ROOT / "buf.yaml", copy / "buf.yaml")
+    proto = copy / "protos/retroserve/v1/retroserve.proto"
+    text = proto.read_text()
+    assert "  string stop_sequence = 5;\n" in text
+    proto.write_text(text.replace("  string stop_sequence = 5;\n", "", 1))
+    result = run_buf("breaking", str(copy), "--against", str(REPO_ROOT))
+    assert result.returncode != 0 and "stop_sequence" in result.stdout, result.stdout + result.stderr

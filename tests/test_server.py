@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 from server.client import RetroserveClient, build_generate_request
 from loopback import ServerThread, server_config
 
@@ -221,6 +221,28 @@ def test_stream_carries_the_same_output_as_unary(server, client):
     assert [[n.chunk_id for n in r.neighbours] for r in streamed] == [
         [n.chunk_id for n in r.neighbours] for r in unary.retrievals
     ]
+
+
+def test_a_node_js_client_with_only_protos_on_its_include_path_gets_the_python_clients_results(server, client):
+    """tests/node_client.js (@grpc/grpc-js + @grpc/proto-loader) loads retroserve/v1/retroserve.proto
+    from protos/ alone and calls Info, Generate, GenerateStream and an invalid Generate."""
+    import subprocess
+
+    from test_protos import node_tool
+
+    node_tool("@grpc/grpc-js")
+    script = Path(__file__).parent / "node_client.js"
+    result = subprocess.run(["node", str(script), server.address, PROMPT], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    node = json.loads(result.stdout)
+    python = client.generate(PROMPT, mode="chunk", max_new_tokens=16, return_provenance=True)
+    info = client.info()
+    assert node["model"]["name"] == info.model.name and node["model"]["fingerprint"] == info.model.fingerprint
+    assert node["text"] == node["stream"]["text"] == python.text
+    assert node["stop_reason"] == node["stream"]["stop_reason"] == "STOP_REASON_MAX_TOKENS"
+    assert node["chunk_ids"] == [[str(n.chunk_id) for n in r.neighbours] for r in python.retrievals]
+    assert node["invalid"]["code"] == "INVALID_ARGUMENT" and "temperature" in node["invalid"]["details"]
 
 
 def test_chunk_retrieval_provenance_matches_exact_search(server, client):

@@ -19,7 +19,7 @@ import pytest
 
 from datastore_tools.shard import shard_datastore, shard_dir
 from loopback import RetrieverProcess, ServerThread, server_config
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 from retriever.datastore import read_manifest
 from server.client import RetroserveClient
 from server.config import ShardsConfig

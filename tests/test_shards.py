@@ -189,8 +189,8 @@ def test_text_queries_search_on_the_shard(small_datastore, flat_shards, encoder)
     """A client without the encoder (grpcurl) sends texts; the shard embeds them."""
     import grpc
 
-    from protos.retroserve.v1 import retriever_pb2 as rpb
-    from protos.retroserve.v1 import retriever_pb2_grpc
+    from retroserve.v1 import retriever_pb2 as rpb
+    from retroserve.v1 import retriever_pb2_grpc
 
     _, servers = flat_shards
     with grpc.insecure_channel(servers[0].address) as channel:

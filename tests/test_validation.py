@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 from server.config import Limits, RetrievalDefaults
 from server.errors import DatastoreUnavailable, InvalidArgument
 from server.api.validation import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc
+from retroserve.v1 import admin_pb2, admin_pb2_grpc
 from server.api import pb_convert
 from server.errors import DatastoreUnavailable
 

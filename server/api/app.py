@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1._async import HealthServicer
 
-from protos.retroserve.v1 import admin_pb2, admin_pb2_grpc, retroserve_pb2, retroserve_pb2_grpc
+from retroserve.v1 import admin_pb2, admin_pb2_grpc, retroserve_pb2, retroserve_pb2_grpc
 from server.api import hosting
 from server.api.loading import AdminFront, RetroserveFront
 from server.config import ServerConfig

@@ -8,7 +8,7 @@ replica) instead of UNIMPLEMENTED, and every later call goes to the real service
 
 from __future__ import annotations
 
-from protos.retroserve.v1 import admin_pb2_grpc, retroserve_pb2_grpc
+from retroserve.v1 import admin_pb2_grpc, retroserve_pb2_grpc
 from server.errors import NotReady
 
 LOADING = "the server is still loading its model and datastore; retry shortly (health is NOT_SERVING until then)"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1.names import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1.names import LAYOUT_TO_PB, MODE_TO_PB, SHARD_POLICY_TO_PB
 from server.config import Limits, RetrievalDefaults
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1._async import HealthServicer
 
-from protos.retroserve.v1 import retriever_pb2, retriever_pb2_grpc
+from retroserve.v1 import retriever_pb2, retriever_pb2_grpc
 from server.api import hosting
 from server.config import RetrieverServerConfig
 

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1 import retroserve_pb2_grpc
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2_grpc
 from retriever import neighbour_pb
 from server.api import pb_convert
 from server.core import request_context

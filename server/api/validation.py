@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
-from protos.retroserve.v1.names import LAYOUT_FROM_PB, MODE_FROM_PB, SHARD_POLICY_FROM_PB
+from retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1.names import LAYOUT_FROM_PB, MODE_FROM_PB, SHARD_POLICY_FROM_PB
 from server.config import Limits, RetrievalDefaults, modes_served
 from server.core.params import GenerationParams
 from server.errors import DatastoreUnavailable, InvalidArgument

@@ -21,7 +21,7 @@ from typing import TextIO
 import grpc
 from google.protobuf import json_format
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 from server.api.auth import CLIENT_TOKEN_ENV, client_token_from_environment
 from server.client import DEFAULT_ADDRESS, LAYOUTS, MODES, RetroserveClient
 

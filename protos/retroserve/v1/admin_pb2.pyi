@@ -1,4 +1,4 @@
-from protos.retroserve.v1 import retroserve_pb2 as _retroserve_pb2
+from retroserve.v1 import retroserve_pb2 as _retroserve_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping

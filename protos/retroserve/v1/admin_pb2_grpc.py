@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.retroserve.v1 import admin_pb2 as protos_dot_retroserve_dot_v1_dot_admin__pb2
+from retroserve.v1 import admin_pb2 as retroserve_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/retroserve/v1/admin_pb2_grpc.py depends on'
+        + ' but the generated code in retroserve/v1/admin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class AdminStub:
         """
         self.ReloadDatastore = channel.unary_unary(
                 '/retroserve.v1.Admin/ReloadDatastore',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -63,8 +63,8 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ReloadDatastore': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadDatastore,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,8 +93,8 @@ class Admin:
             request,
             target,
             '/retroserve.v1.Admin/ReloadDatastore',
-            protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.FromString,
+            retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreRequest.SerializeToString,
+            retroserve_dot_v1_dot_admin__pb2.ReloadDatastoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ that every named enum value of the .proto has exactly one name here.
 
 from __future__ import annotations
 
-from protos.retroserve.v1 import retroserve_pb2 as pb
+from retroserve.v1 import retroserve_pb2 as pb
 
 MODE_FROM_PB = {
     pb.RETRIEVAL_MODE_NONE: "none",

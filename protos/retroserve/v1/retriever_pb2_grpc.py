@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.retroserve.v1 import retriever_pb2 as protos_dot_retroserve_dot_v1_dot_retriever__pb2
+from retroserve.v1 import retriever_pb2 as retroserve_dot_v1_dot_retriever__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/retroserve/v1/retriever_pb2_grpc.py depends on'
+        + ' but the generated code in retroserve/v1/retriever_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class RetrieverServiceStub:
         """
         self.Search = channel.unary_unary(
                 '/retroserve.v1.RetrieverService/Search',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retriever__pb2.SearchRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retriever__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/retroserve.v1.RetrieverService/Describe',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.FromString,
                 _registered_method=True)
 
 
@@ -71,13 +71,13 @@ def add_RetrieverServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retriever__pb2.SearchRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retriever__pb2.SearchResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -106,8 +106,8 @@ class RetrieverService:
             request,
             target,
             '/retroserve.v1.RetrieverService/Search',
-            protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retriever__pb2.SearchResponse.FromString,
+            retroserve_dot_v1_dot_retriever__pb2.SearchRequest.SerializeToString,
+            retroserve_dot_v1_dot_retriever__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -133,8 +133,8 @@ class RetrieverService:
             request,
             target,
             '/retroserve.v1.RetrieverService/Describe',
-            protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.FromString,
+            retroserve_dot_v1_dot_retriever__pb2.DescribeRequest.SerializeToString,
+            retroserve_dot_v1_dot_retriever__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

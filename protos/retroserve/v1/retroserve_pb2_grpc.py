@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.retroserve.v1 import retroserve_pb2 as protos_dot_retroserve_dot_v1_dot_retroserve__pb2
+from retroserve.v1 import retroserve_pb2 as retroserve_dot_v1_dot_retroserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/retroserve/v1/retroserve_pb2_grpc.py depends on'
+        + ' but the generated code in retroserve/v1/retroserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,28 +37,28 @@ class RetroserveStub:
         """
         self.Generate = channel.unary_unary(
                 '/retroserve.v1.Retroserve/Generate',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/retroserve.v1.Retroserve/GenerateStream',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Retrieve = channel.unary_unary(
                 '/retroserve.v1.Retroserve/Retrieve',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/retroserve.v1.Retroserve/Tokenize',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/retroserve.v1.Retroserve/Info',
-                request_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.FromString,
+                request_serializer=retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.SerializeToString,
+                response_deserializer=retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -108,28 +108,28 @@ def add_RetroserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.FromString,
+                    response_serializer=retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -158,8 +158,8 @@ class Retroserve:
             request,
             target,
             '/retroserve.v1.Retroserve/Generate',
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.FromString,
+            retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
+            retroserve_dot_v1_dot_retroserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -185,8 +185,8 @@ class Retroserve:
             request,
             target,
             '/retroserve.v1.Retroserve/GenerateStream',
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.FromString,
+            retroserve_dot_v1_dot_retroserve__pb2.GenerateRequest.SerializeToString,
+            retroserve_dot_v1_dot_retroserve__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -212,8 +212,8 @@ class Retroserve:
             request,
             target,
             '/retroserve.v1.Retroserve/Retrieve',
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.FromString,
+            retroserve_dot_v1_dot_retroserve__pb2.RetrieveRequest.SerializeToString,
+            retroserve_dot_v1_dot_retroserve__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -239,8 +239,8 @@ class Retroserve:
             request,
             target,
             '/retroserve.v1.Retroserve/Tokenize',
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.FromString,
+            retroserve_dot_v1_dot_retroserve__pb2.TokenizeRequest.SerializeToString,
+            retroserve_dot_v1_dot_retroserve__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -266,8 +266,8 @@ class Retroserve:
             request,
             target,
             '/retroserve.v1.Retroserve/Info',
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.SerializeToString,
-            protos_dot_retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.FromString,
+            retroserve_dot_v1_dot_retroserve__pb2.InfoRequest.SerializeToString,
+            retroserve_dot_v1_dot_retroserve__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
