@@ -138,6 +138,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from server.observability import logging_setup
+
+    logging_setup.quiet_server_process()
     from server.api import app
 
     try:
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.observability import logging_setup
 
     logging_setup.configure_logging(args.log_level)
+    logging_setup.route_vllm_logs(args.log_level)
     logging.getLogger(__name__).debug("args: %s", vars(args))
     return int(args.func(args) or 0)
 

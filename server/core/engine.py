@@ -22,6 +22,10 @@ from server.knn.settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACK
 
 log = logging.getLogger(__name__)
 
+ENGINE_SHUTDOWN_TIMEOUT_S = 10.0
+"""How long vLLM's EngineCore gets to exit on its own before it is killed (vLLM's default, 5 s, is
+shorter than its worker teardown on 2 cores)."""
+
 
 @dataclass
 class SegmentSampling:
@@ -106,6 +110,7 @@ class Engine:
             # node's memory is free (which fails on a shared machine even when 2 GiB would do).
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             disable_log_stats=False,
+            use_tqdm_on_load=False,
             # Only with a token datastore: vLLM refuses hf_overrides=None (it wants a dict).
             **knn_args,
         )
@@ -222,7 +227,7 @@ class Engine:
         self._died = self.errored
         llm, self._llm = self._llm, None
         if llm is not None:
-            llm.shutdown()
+            llm.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
             llm.shutdown = lambda *args, **kwargs: None
         if self.knn_stats_file:
             Path(self.knn_stats_file).unlink(missing_ok=True)

@@ -7,16 +7,21 @@ The request id comes from server.core.request_context (bound per RPC by the erro
 log call deep in the generation loop is attributed to its request without passing ids around.
 Fields passed with `extra={...}` appear as top-level keys (e.g. rpc, code, duration_ms).
 
-vLLM installs its own handler on the "vllm" logger unless VLLM_CONFIGURE_LOGGING=0 is set before
-vllm is imported; set it in the entry point to get vLLM's lines as JSON too.
+vLLM configures its "vllm" logger in each of its processes (server, EngineCore, workers);
+`route_vllm_logs` hands it a dictConfig file through VLLM_LOGGING_CONFIG_PATH so that those
+processes write the same JSON lines, and demotes the warnings listed in KNOWN_VLLM_NOTICES to INFO.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import TextIO
 
 from server.core.request_context import current_request_id
@@ -61,6 +66,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+KNOWN_VLLM_NOTICES: tuple[tuple[str, str], ...] = (
+    ("Enforce eager set", "the CPU engine runs eagerly on purpose (EngineConfig.enforce_eager)"),
+    ("Inductor compilation was disabled", "follows from enforce_eager"),
+    ("Model Runner V2 requires Triton", "Triton has no CPU backend; V1 is vLLM's CPU model runner"),
+    ("Triton is not installed. triton-cpu is expected", "triton-cpu is not published on PyPI"),
+    ("Triton is installed, but doesn't include CPU backend",
+     "triton is installed for the CUDA kNN kernel and xgrammar; it has no CPU backend"),
+    ("is not found in LD_PRELOAD", "preloading tcmalloc / Intel OpenMP is a deployment choice, not a fault"),
+)
+"""(start of a vLLM warning, why it is no operator's to-do here): logged at INFO, not WARNING."""
+
+
+class KnownVllmNotices(logging.Filter):
+    """Demote the warnings of KNOWN_VLLM_NOTICES to INFO, so that WARNING means act on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.name.startswith("vllm"):
+            message = record.getMessage()
+            if any(notice in message for notice, _ in KNOWN_VLLM_NOTICES):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 _installed_handler: logging.Handler | None = None
 
 
@@ -73,6 +101,7 @@ def configure_logging(level: str | int = "INFO", stream: TextIO | None = None, j
         root.removeHandler(_installed_handler)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(KnownVllmNotices())
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     )
@@ -80,3 +109,48 @@ def configure_logging(level: str | int = "INFO", stream: TextIO | None = None, j
     root.setLevel(level)
     _installed_handler = handler
     return handler
+
+
+def route_vllm_logs(level: str | int = "INFO") -> Path | None:
+    """Make every vLLM process of this server (and its children) log JSON lines at `level` with the
+    known notices demoted: writes a dictConfig file and names it in VLLM_LOGGING_CONFIG_PATH before
+    vLLM starts. A config the operator set already is left alone (returns None)."""
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH"):
+        return None
+    level_name = logging.getLevelName(level) if isinstance(level, int) else str(level).upper()
+    here = __name__
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{here}.JsonFormatter"}},
+        "filters": {"request_id": {"()": f"{here}.RequestIdFilter"},
+                    "known_notices": {"()": f"{here}.KnownVllmNotices"}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                              "formatter": "json", "filters": ["request_id", "known_notices"]}},
+        "loggers": {"vllm": {"handlers": ["json"], "level": level_name, "propagate": False}},
+    }
+    handle, name = tempfile.mkstemp(prefix="retroserve-vllm-logging-", suffix=".json")
+    with os.fdopen(handle, "w") as out:
+        json.dump(config, out)
+    path = Path(name)
+    atexit.register(path.unlink, missing_ok=True)
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
+    return path
+
+
+SERVER_PROCESS_ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1", "loading bars are terminal output, not log lines"),
+    ("PYTHONWARNINGS", "ignore::FutureWarning:vllm.triton_utils.dispatcher",
+     "vLLM 0.32 touches torch.distributed.reduce_op while scanning modules (not our call to change)"),
+    ("TORCH_CPP_LOG_LEVEL", "ERROR",
+     "C++ notices such as vLLM's NUMA memory binding bypass logging; errors still print"),
+)
+"""(variable, value, why): set for `retroserve serve` and inherited by its engine processes,
+unless the operator set the variable already."""
+
+
+def quiet_server_process() -> None:
+    """A server's stderr is log lines: apply SERVER_PROCESS_ENVIRONMENT before vLLM starts."""
+    for name, value, _ in SERVER_PROCESS_ENVIRONMENT:
+        os.environ.setdefault(name, value)
