@@ -116,7 +116,7 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
 
     loop = asyncio.get_running_loop()
     config = EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=max(args.concurrency), token_datastore=datastore,
+                          max_num_seqs=max(args.concurrency), token_datastore=datastore, device=args.device,
                           knn_pointer_pool=args.knn_pointer_pool, knn_pointer_radius=args.knn_pointer_radius)
     engine = await loop.run_in_executor(None, Engine.start, config)
     rows = []
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine setting: pointer distance gate (0: off)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where the engine runs")
     parser.add_argument("--output", type=Path, default=None, help="write rows and arguments as JSON")
     parser.add_argument("--log-level", default="INFO")
     return parser

@@ -61,6 +61,7 @@ def test_cuda_requested_without_a_gpu_names_the_fix(small_datastore):
         Datastore.open(small_datastore, device="cuda")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_flat_datastore_searches_on_cuda_like_faiss(small_datastore):
     with Datastore.open(small_datastore, device="cpu") as cpu, Datastore.open(small_datastore, device="cuda") as gpu:

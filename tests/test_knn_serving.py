@@ -413,3 +413,33 @@ def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_pat
     assert [adaptive[1][i] for i in skipped] == [alone[1][i] for i in skipped]
     assert [adaptive[1][i] for i in kept] == [plain[1][i] for i in kept]
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+def test_the_knn_model_class_runs_in_vllms_cuda_model_runner(knn_plugin_visible, prepared_model_dir, token_datastore,
+                                                             tmp_path):
+    """The same checks as on the CPU, on vLLM's CUDA model runner: λ 0 reproduces the model's own
+    log-probs bit for bit, and a high λ makes a datastore document more likely than the model alone."""
+    from prometheus_client import CollectorRegistry
+
+    from loopback import ServerThread, server_config
+    from server.knn.settings import KnnRequestSettings
+
+    config = server_config(prepared_model_dir, tmp_path / "no-chunk-datastore")
+    config.engine.token_datastore = token_datastore
+    config.engine.device = "cuda"
+    config.retrieval.mode = "none"
+    cuda_server = ServerThread(config, with_datastore=False, registry=CollectorRegistry())
+    try:
+        assert cuda_server.running.engine.device == "cuda"
+        ids, _, _ = _corpus_document(token_datastore, 0)
+        prompt = ids[:120]
+        alone = _segment(cuda_server, prompt, "cuda-none", max_tokens=8, prompt_logprobs=True)
+        zero = _segment(cuda_server, prompt, "cuda-lam0", knn=KnnRequestSettings(0.0, 16, 10.0), max_tokens=8,
+                        prompt_logprobs=True)
+        assert zero == alone
+        mixed = _segment(cuda_server, prompt, "cuda-high", knn=KnnRequestSettings(LAMBDA_HIGH, 16, 10.0),
+                         prompt_logprobs=True)
+        assert sum(mixed[1][1:]) > sum(alone[1][1:])
+    finally:
+        cuda_server.stop()
