@@ -29,6 +29,8 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_VERSION = "1.37.0"
 BUILT_IN_API_GROUPS = ("v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2")
 OVERLAYS = ("cpu", "gpu", "cpu-sharded", "gpu-sharded")
+ENGINE_SHM = "1Gi"
+"""/dev/shm for the server's pods and containers (deploy/image_check.sh runs with the same)."""
 
 
 def load_documents(path: Path) -> list[dict]:
@@ -189,6 +191,13 @@ def test_probes_ports_and_volumes_agree_with_the_server(rendered):
     finally:
         os.environ["RETROSERVE_HOME"] = previous
 
+    # vLLM's engine needs more shared memory than a container's default 64 MiB /dev/shm (its start
+    # failed in the CPU image with "160 MiB required, 62 MiB free"; deploy/image_check.sh).
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    assert volumes[shm["name"]]["emptyDir"]["sizeLimit"] == ENGINE_SHM
+
     services = [d for d in documents if d["kind"] == "Service"]
     targets = {p["targetPort"] for s in services for p in s["spec"]["ports"]}
     assert targets == {"grpc", "metrics"}
@@ -305,3 +314,4 @@ def test_images_install_through_the_readme_script_and_run_as_non_root():
         args = cli.build_parser().parse_args(yaml.safe_load(cmd))
         assert cli.server_config_from_args(args).address == "0.0.0.0:50051"
     assert ServerConfig().grace_period_s == 30.0
+    assert "--shm-size 1g" in (DEPLOY / "image_check.sh").read_text() and ENGINE_SHM == "1Gi"
