@@ -6,7 +6,8 @@ checked against the run it came from.
 
 Each file gives one table, with the command that produced it above. `eval run` files (rows with
 bits per byte) give bits per byte, the change against the model alone with its 95% interval and
-documents worse, the prose-only change and the share of tokens made less likely; `bench_serving`
+documents worse, the prose-only change and the share of tokens made less likely; `eval sweep`
+files give each datastore size with the step from the next smaller one; `bench_serving`
 files give throughput and latency ratios against their first row. `--check` finds every
 `<!-- table: PATH -->` marker in a Markdown file and fails when the table under it differs from
 the one this script makes from PATH.
@@ -45,6 +46,18 @@ def eval_table(payload: dict) -> list[str]:
     return lines
 
 
+def sweep_table(payload: dict) -> list[str]:
+    """`eval sweep`: one row per datastore size, with the step from the next smaller one."""
+    lines = ["| datastore | chunks | scored tokens | bits per byte | change vs alone [95%] | documents worse "
+             "| vs next smaller [95%] | documents worse |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in sorted(payload["rows"], key=lambda r: r["fraction"]):
+        lines.append(f"| {row['fraction']:.0%} of the files | {row['datastore']['entries']:,} | {row['tokens']:,} "
+                     f"| {row['bits_per_byte']:.4f} | {_interval(row.get('vs_alone'))} | {_worse(row.get('vs_alone'))} "
+                     f"| {_interval(row.get('vs_smaller'))} | {_worse(row.get('vs_smaller'))} |")
+    return lines
+
+
 def serving_table(payload: dict) -> list[str]:
     rows = payload["rows"]
     base = rows[0]["output_tokens_per_s"]
@@ -58,14 +71,22 @@ def serving_table(payload: dict) -> list[str]:
 
 
 def table(path: Path) -> list[str]:
-    payload = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return table_from_payload(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def table_from_payload(payload: dict) -> list[str]:
     rows = payload.get("rows") or []
-    if rows and "bits_per_byte" in rows[0]:
+    if rows and "fraction" in rows[0]:
+        lines = sweep_table(payload)
+    elif rows and "bits_per_byte" in rows[0]:
         lines = eval_table(payload)
     elif rows and "output_tokens_per_s" in rows[0]:
         lines = serving_table(payload)
     else:
-        raise ValueError(f"{path}: neither `eval run` nor bench_serving results (no rows with bits_per_byte "
+        raise ValueError("neither `eval run`/`eval sweep` nor bench_serving results (no rows with bits_per_byte "
                          "or output_tokens_per_s)")
     if payload.get("invocation"):
         lines = [f"`{payload['invocation']}`", ""] + lines

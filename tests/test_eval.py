@@ -16,7 +16,7 @@ import torch
 from artefacts.tokenizer import document_start_ids
 from server.evaluation import ablate as eval_ablate, cli as eval_cli
 from server.cli.main import build_parser
-from server.evaluation.scoring import EvalDocument, Evaluator, EvalSettings, ngram_overlap
+from server.evaluation.scoring import EvalDocument, Evaluator, EvalSettings, ngram_overlap, paired_bootstrap
 
 TEXT = "The assert statement checks a condition and raises AssertionError when it is false. ☃"
 
@@ -135,6 +135,9 @@ def test_eval_run_and_sweep_commands_write_results_and_plots(server, corpus_dir,
     assert len(payload["references"]) == 1 and len(payload["rows"]) == 2
     entries = sorted({row["datastore"]["entries"] for row in payload["rows"]})
     assert len(entries) == 2 and entries[0] < entries[1]
+    smaller, larger = sorted(payload["rows"], key=lambda row: row["fraction"])
+    assert "vs_smaller" not in smaller
+    assert larger["vs_smaller"] == paired_bootstrap(smaller["per_document"], larger["per_document"])
     assert (run_dir / "sweep.png").stat().st_size > 1000
     assert json.loads((run_dir / "results.json").read_text())["rows"][0]["bits_per_byte"] > 0
 

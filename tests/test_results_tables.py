@@ -35,3 +35,17 @@ def test_an_unknown_results_file_is_refused(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"rows": [{"foo": 1}]}))
     with pytest.raises(ValueError, match="neither"):
         results_tables.table(tmp_path / "x.json")
+
+
+def test_a_sweep_gives_one_row_per_size_with_the_step_from_the_next_smaller():
+    step = {"change": -0.03, "low": -0.06, "high": -0.01, "documents": 12, "documents_worse": 3}
+    rows = [{"fraction": 1.0, "datastore": {"entries": 40000}, "tokens": 3000, "bits_per_byte": 1.05,
+             "vs_alone": {"change": -0.1, "low": -0.15, "high": -0.05, "documents": 12, "documents_worse": 0},
+             "vs_smaller": step},
+            {"fraction": 0.1, "datastore": {"entries": 4000}, "tokens": 3000, "bits_per_byte": 1.08,
+             "vs_alone": {"change": -0.07, "low": -0.1, "high": -0.04, "documents": 12, "documents_worse": 0}}]
+    made = results_tables.table_from_payload({"rows": rows})
+    assert made[2:] == [
+        "| 10% of the files | 4,000 | 3,000 | 1.0800 | -7.0% [-10.0, -4.0] | 0 of 12 |  |  |",
+        "| 100% of the files | 40,000 | 3,000 | 1.0500 | -10.0% [-15.0, -5.0] | 0 of 12 | -3.0% [-6.0, -1.0] | 3 of 12 |",
+    ]

@@ -252,6 +252,19 @@ def add_intervals(rows: list[dict]) -> None:
         first.setdefault(row["model"], row)
 
 
+def add_size_steps(rows: list[dict]) -> None:
+    """Sweep rows: each one after the smallest datastore of its model and settings gets
+    `vs_smaller` (the next smaller datastore, paired bootstrap): is each step of size a gain?"""
+    from server.evaluation.scoring import paired_bootstrap
+
+    previous: dict[tuple, dict] = {}
+    for row in sorted((r for r in rows if "fraction" in r), key=lambda r: r["fraction"]):
+        key = (row["model"], json.dumps(row["settings"], sort_keys=True))
+        if key in previous:
+            row["vs_smaller"] = paired_bootstrap(previous[key]["per_document"], row["per_document"])
+        previous[key] = row
+
+
 def _percent(interval: dict | None) -> str:
     if not interval:
         return ""
@@ -469,6 +482,7 @@ async def sweep_async(args, engine=None) -> dict:
             log.error("reference model %s could not be scored: %s", reference, error)
             payload["failed_references"].append({"model": str(reference), "error": str(error)})
     add_intervals(references + rows)
+    add_size_steps(rows)
     print_table(references + rows)
     path = write_results(args.output_dir, payload)
     plot_sweep(rows, references, args.output_dir / "sweep.png")
