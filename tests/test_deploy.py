@@ -176,7 +176,10 @@ def test_probes_ports_and_volumes_agree_with_the_server(rendered):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # covers first-time preparation
 
-    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > config.grace_period_s
+    from server.core.engine import ENGINE_SHUTDOWN_TIMEOUT_S
+
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > config.grace_period_s + ENGINE_SHUTDOWN_TIMEOUT_S
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
     env = {e["name"]: e["value"] for e in container["env"]}

@@ -19,6 +19,11 @@ import typing
 from pathlib import Path
 
 from server import config as config_module
+from server.observability import logging_setup
+
+# vLLM spawns its engine processes with multiprocessing, which imports this entry module in each of
+# them before anything else: they log the server's JSON lines from their first line on.
+logging_setup.configure_spawned_process()
 
 
 def attribute_docs(cls) -> dict[str, str]:
@@ -138,9 +143,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from server.observability import logging_setup
-
-    logging_setup.quiet_server_process()
+    logging_setup.set_server_process_environment()
     from server.api import app
 
     try:
@@ -234,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from server.observability import logging_setup
-
     logging_setup.configure_logging(args.log_level)
     logging_setup.route_vllm_logs(args.log_level)
     logging.getLogger(__name__).debug("args: %s", vars(args))

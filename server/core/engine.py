@@ -22,9 +22,10 @@ from server.knn.settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACK
 
 log = logging.getLogger(__name__)
 
-ENGINE_SHUTDOWN_TIMEOUT_S = 10.0
-"""How long vLLM's EngineCore gets to exit on its own before it is killed (vLLM's default, 5 s, is
-shorter than its worker teardown on 2 cores)."""
+ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
+"""How long vLLM's EngineCore gets to exit on its own before it is killed: more than the workers'
+own exit timeout (20 s under `serve`, logging_setup.SERVER_PROCESS_ENVIRONMENT); vLLM's default,
+5 s, is shorter than its worker teardown on a busy 2-core machine. An idle one exits in ~5 s."""
 
 
 @dataclass

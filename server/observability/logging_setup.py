@@ -111,6 +111,28 @@ def configure_logging(level: str | int = "INFO", stream: TextIO | None = None, j
     return handler
 
 
+_CONFIG_PREFIX = "retroserve-vllm-logging-"
+
+
+def configure_spawned_process() -> None:
+    """In a process that vLLM spawned from this server (EngineCore, a worker), apply the logging
+    config `route_vllm_logs` wrote, before vLLM's own imports log anything: multiprocessing imports
+    the entry module (server/cli/main.py, which calls this) in each child first. A no-op elsewhere."""
+    import multiprocessing
+
+    path = os.environ.get("VLLM_LOGGING_CONFIG_PATH", "")
+    # While a spawned child imports the entry module, parent_process() is not set yet; its name is.
+    if multiprocessing.current_process().name == "MainProcess" or not Path(path).name.startswith(_CONFIG_PREFIX):
+        return
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable config itself when it applies it
+    import logging.config
+
+    logging.config.dictConfig(config)
+
+
 def route_vllm_logs(level: str | int = "INFO") -> Path | None:
     """Make every vLLM process of this server (and its children) log JSON lines at `level` with the
     known notices demoted: writes a dictConfig file and names it in VLLM_LOGGING_CONFIG_PATH before
@@ -129,7 +151,7 @@ def route_vllm_logs(level: str | int = "INFO") -> Path | None:
                               "formatter": "json", "filters": ["request_id", "known_notices"]}},
         "loggers": {"vllm": {"handlers": ["json"], "level": level_name, "propagate": False}},
     }
-    handle, name = tempfile.mkstemp(prefix="retroserve-vllm-logging-", suffix=".json")
+    handle, name = tempfile.mkstemp(prefix=_CONFIG_PREFIX, suffix=".json")
     with os.fdopen(handle, "w") as out:
         json.dump(config, out)
     path = Path(name)
@@ -145,12 +167,16 @@ SERVER_PROCESS_ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
      "vLLM 0.32 touches torch.distributed.reduce_op while scanning modules (not our call to change)"),
     ("TORCH_CPP_LOG_LEVEL", "ERROR",
      "C++ notices such as vLLM's NUMA memory binding bypass logging; errors still print"),
+    ("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "20",
+     "a worker exits in about 3 s on an idle 2-core machine and in over vLLM's 5 s on a busy one; "
+     "past the timeout vLLM kills it and logs warnings"),
 )
 """(variable, value, why): set for `retroserve serve` and inherited by its engine processes,
 unless the operator set the variable already."""
 
 
-def quiet_server_process() -> None:
-    """A server's stderr is log lines: apply SERVER_PROCESS_ENVIRONMENT before vLLM starts."""
+def set_server_process_environment() -> None:
+    """A server's stderr is log lines and its shutdown is orderly: apply SERVER_PROCESS_ENVIRONMENT
+    before vLLM starts."""
     for name, value, _ in SERVER_PROCESS_ENVIRONMENT:
         os.environ.setdefault(name, value)
