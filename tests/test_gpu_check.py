@@ -19,6 +19,12 @@ def named_tests() -> list[str]:
     return re.findall(r'"([^"]+)"', block.group(1))
 
 
+def collect_gpu_marked(*test_ids: str) -> subprocess.CompletedProcess:
+    """`pytest --collect-only -m gpu` on these ids, in a child process."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "gpu", *test_ids], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_the_script_parses():
     result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -27,16 +33,13 @@ def test_the_script_parses():
 def test_every_cuda_test_it_names_exists_and_is_marked_gpu():
     tests = named_tests()
     assert len(tests) >= 5 and len(set(tests)) == len(tests), tests
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                             "-m", "gpu", *tests], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = collect_gpu_marked(*tests)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     collected = {line.split("[")[0] for line in result.stdout.splitlines() if "::" in line}
     assert collected == set(tests), f"not collected with the gpu marker: {sorted(set(tests) - collected)}"
 
 
-def test_a_misnamed_test_is_caught(tmp_path):
+def test_a_misnamed_test_is_caught():
     """The check above can fail: pytest refuses a test id that does not exist."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                             "-m", "gpu", "tests/test_kernels.py::test_no_such_cuda_test"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = collect_gpu_marked("tests/test_kernels.py::test_no_such_cuda_test")
     assert result.returncode != 0
