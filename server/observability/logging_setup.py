@@ -75,7 +75,7 @@ KNOWN_VLLM_NOTICES: tuple[tuple[str, str], ...] = (
      "triton is installed for the CUDA kNN kernel and xgrammar; it has no CPU backend"),
     ("is not found in LD_PRELOAD", "preloading tcmalloc / Intel OpenMP is a deployment choice, not a fault"),
 )
-"""(start of a vLLM warning, why it is no operator's to-do here): logged at INFO, not WARNING."""
+"""(text found in a vLLM warning, why it is no operator's to-do here): logged at INFO, not WARNING."""
 
 
 class KnownVllmNotices(logging.Filter):
