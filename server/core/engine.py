@@ -22,10 +22,15 @@ from server.knn.settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACK
 
 log = logging.getLogger(__name__)
 
+WORKER_SHUTDOWN_TIMEOUT_S = 20
+"""How long vLLM's EngineCore waits for its workers to exit (VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS,
+unless set): a worker exits in about 3 s on an idle 2-core machine and in over vLLM's default 5 s
+on a busy one, past which vLLM kills it and logs warnings."""
+
 ENGINE_SHUTDOWN_TIMEOUT_S = 30.0
 """How long vLLM's EngineCore gets to exit on its own before it is killed: more than the workers'
-own exit timeout (20 s under `serve`, logging_setup.SERVER_PROCESS_ENVIRONMENT); vLLM's default,
-5 s, is shorter than its worker teardown on a busy 2-core machine. An idle one exits in ~5 s."""
+exit timeout; vLLM's default, 5 s, is shorter than its worker teardown on a busy 2-core machine.
+An idle one exits in ~5 s."""
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         device = device or checkpoint.detect_device()
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(WORKER_SHUTDOWN_TIMEOUT_S))
         served_dir, served_what = checkpoint.served_checkpoint(Path(config.model_dir), device)
         dtype = checkpoint.serving_dtype(config.dtype, served_dir, Path(config.model_dir))
         token_datastore, knn_args, knn_stats_file = None, {}, None

@@ -167,16 +167,12 @@ SERVER_PROCESS_ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
      "vLLM 0.32 touches torch.distributed.reduce_op while scanning modules (not our call to change)"),
     ("TORCH_CPP_LOG_LEVEL", "ERROR",
      "C++ notices such as vLLM's NUMA memory binding bypass logging; errors still print"),
-    ("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "20",
-     "a worker exits in about 3 s on an idle 2-core machine and in over vLLM's 5 s on a busy one; "
-     "past the timeout vLLM kills it and logs warnings"),
 )
 """(variable, value, why): set for `retroserve serve` and inherited by its engine processes,
 unless the operator set the variable already."""
 
 
 def set_server_process_environment() -> None:
-    """A server's stderr is log lines and its shutdown is orderly: apply SERVER_PROCESS_ENVIRONMENT
-    before vLLM starts."""
+    """A server's stderr is log lines: apply SERVER_PROCESS_ENVIRONMENT before vLLM starts."""
     for name, value, _ in SERVER_PROCESS_ENVIRONMENT:
         os.environ.setdefault(name, value)
