@@ -78,12 +78,10 @@ log "built in ${BUILD_S} s, ${SIZE_MB} MB"
 health_status() {
   podman exec "$NAME" /opt/retroserve/.venv/bin/python -c '
 import sys, grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server.client import RetroserveClient
 try:
-    with grpc.insecure_channel(sys.argv[1]) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="retroserve.v1.Retroserve"), timeout=5)
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    with RetroserveClient(sys.argv[1]) as client:
+        print(client.health("retroserve.v1.Retroserve", timeout=5))
 except grpc.RpcError as error:
     print(error.code().name)
 ' "127.0.0.1:$PORT" 2>/dev/null || echo "NO_CONTAINER"
