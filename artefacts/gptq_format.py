@@ -4,7 +4,7 @@ Layout (per nn.Linear with weight W[out, in], group size g, symmetric, desc_act=
 - qweight int32 [in/8, out]: eight 4-bit codes of consecutive input rows per int32, low bits first;
 - qzeros  int32 [in/g, out/8]: the zero point (8) stored minus one (the "v1" GPTQ convention),
   eight output columns per int32;
-- scales  fp16  [in/g, out];
+- scales  bf16  [in/g, out] (SCALE_DTYPE);
 - g_idx   int32 [in]: group of each input row (i // g).
 W[o, i] = scales[i // g, o] * (code[i, o] - 8).
 """
@@ -19,6 +19,11 @@ BITS = 4
 PACK = 32 // BITS  # codes per int32
 MAX_CODE = (1 << BITS) - 1
 SYM_ZERO = 1 << (BITS - 1)  # 8: symmetric zero point
+SCALE_DTYPE = torch.bfloat16
+"""vLLM loads scales into parameters of the model's dtype, which is bf16 on the CPU's 4-bit kernel
+and on GPUs: fp16 scales were rounded there (a warning per layer, and a served model that is not
+the prepared one). bf16 values widen exactly to fp32 (the dense copy, the fidelity reference) and
+to fp16 for scales of this size, so every path serves the same weights."""
 
 
 @dataclass
@@ -56,7 +61,8 @@ def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     return expanded.reshape(packed.shape[0] * PACK, packed.shape[1])
 
 
-def pack(codes_in_out: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedLinear:
+def pack(codes_in_out: torch.Tensor, scales: torch.Tensor, group_size: int,
+         scale_dtype: torch.dtype = SCALE_DTYPE) -> PackedLinear:
     """Pack codes [in, out] (0..15) and per-group scales [in/g, out] into GPTQ tensors."""
     in_features, out_features = codes_in_out.shape
     if in_features % group_size or in_features % PACK or out_features % PACK:
@@ -68,7 +74,7 @@ def pack(codes_in_out: torch.Tensor, scales: torch.Tensor, group_size: int) -> P
     return PackedLinear(
         qweight=_pack_rows(codes_in_out),
         qzeros=_pack_cols(zeros),
-        scales=scales.to(torch.float16).contiguous(),
+        scales=scales.to(scale_dtype).contiguous(),
         g_idx=(torch.arange(in_features, dtype=torch.int32) // group_size),
     )
 

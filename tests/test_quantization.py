@@ -20,9 +20,20 @@ def test_pack_then_dequantize_reproduces_codes_times_scales():
     packed = gptq_format.pack(codes, scales, group_size=64)
     assert packed.qweight.shape == (16, 96) and packed.qweight.dtype == torch.int32
     assert packed.qzeros.shape == (2, 12) and packed.qzeros.dtype == torch.int32
-    assert packed.scales.dtype == torch.float16 and packed.g_idx.tolist() == [i // 64 for i in range(128)]
-    expected = ((codes.float() - 8) * scales.half().float().repeat_interleave(64, dim=0)).t()
+    assert packed.scales.dtype == torch.bfloat16 and packed.g_idx.tolist() == [i // 64 for i in range(128)]
+    expected = ((codes.float() - 8) * scales.bfloat16().float().repeat_interleave(64, dim=0)).t()
     torch.testing.assert_close(gptq_format.dequantize(packed), expected, rtol=0, atol=0)
+
+
+def test_scales_are_chosen_among_stored_values_so_no_load_rounds_them():
+    """The quantizers pick scales the stored dtype holds exactly: packing does not move them, and
+    the fp32 dense copy and vLLM's bf16 or fp16 parameters all receive the same values."""
+    weight = seeded_weight()
+    hessian = weight.new_ones(()) * torch.eye(128) + 0.1
+    for codes, scales in (quantize.quantize_rtn(weight, 32), quantize.quantize_gptq(weight, hessian, 32)):
+        packed = gptq_format.pack(codes, scales, group_size=32)
+        assert torch.equal(packed.scales.float(), scales.float())
+        assert torch.equal(packed.scales.half().float(), scales.float())
 
 
 def test_packing_uses_low_bits_first_and_v1_zero_convention():

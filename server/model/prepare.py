@@ -54,6 +54,8 @@ class Recipe:
     calibration_sequences: int = 64
     calibration_tokens: int = 256
     seed: int = 0
+    scale_dtype: str = "bfloat16"
+    """gptq_format.SCALE_DTYPE; a model prepared before this field had fp16 scales and is prepared again."""
 
 
 @dataclass
@@ -174,7 +176,8 @@ def _write_quantized(source: Path, recipe: Recipe, work_dir: Path) -> dict:
             tokenizer, recipe.calibration_sequences, recipe.calibration_tokens, recipe.seed
         )
     torch.manual_seed(recipe.seed)
-    packed = quantize.quantize_model(model, recipe.group_size, recipe.method, calibration)
+    packed = quantize.quantize_model(model, recipe.group_size, recipe.method, calibration,
+                                     getattr(torch, recipe.scale_dtype))
     save_file(build_state_dict(model, packed, torch.bfloat16), str(work_dir / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -25,13 +25,17 @@ CLIP_GRID = torch.linspace(1.0, 0.6, 21)
 """Clipping ratios tried per group; 1.0 keeps the group's full range."""
 
 
-def group_scales(weight_groups: torch.Tensor) -> torch.Tensor:
-    """MSE-optimal symmetric scales for weight groups [..., g] -> [...]."""
+def group_scales(weight_groups: torch.Tensor, scale_dtype: torch.dtype = gptq_format.SCALE_DTYPE) -> torch.Tensor:
+    """MSE-optimal symmetric scales for weight groups [..., g] -> [...], each a value of
+    `scale_dtype` (the stored one, so the error GPTQ compensates is the served model's)."""
+    def stored(scale: torch.Tensor) -> torch.Tensor:
+        return scale.to(scale_dtype).to(weight_groups.dtype)
+
     max_abs = weight_groups.abs().amax(dim=-1).clamp_min(1e-8)
-    best_scale = max_abs * 2 / gptq_format.MAX_CODE
+    best_scale = stored(max_abs * 2 / gptq_format.MAX_CODE)
     best_err = torch.full_like(max_abs, float("inf"))
     for ratio in CLIP_GRID:
-        scale = ratio * max_abs * 2 / gptq_format.MAX_CODE
+        scale = stored(ratio * max_abs * 2 / gptq_format.MAX_CODE)
         codes = quantize_codes(weight_groups, scale.unsqueeze(-1))
         recon = (codes - gptq_format.SYM_ZERO) * scale.unsqueeze(-1)
         err = (recon - weight_groups).pow(2).sum(dim=-1)
@@ -46,11 +50,12 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(weight / scale) + gptq_format.SYM_ZERO, 0, gptq_format.MAX_CODE)
 
 
-def quantize_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rtn(weight: torch.Tensor, group_size: int,
+                 scale_dtype: torch.dtype = gptq_format.SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (codes [in, out], scales [in/g, out]) by rounding to nearest."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // group_size, group_size)
-    scales = group_scales(groups)  # [out, in/g]
+    scales = group_scales(groups, scale_dtype)  # [out, in/g]
     codes = quantize_codes(groups, scales.unsqueeze(-1)).reshape(out_features, in_features)
     return codes.t().contiguous(), scales.t().contiguous()
 
@@ -61,6 +66,7 @@ def quantize_gptq(
     group_size: int,
     block_size: int = 128,
     damp_ratio: float = 0.01,
+    scale_dtype: torch.dtype = gptq_format.SCALE_DTYPE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: weight [out, in], hessian [in, in] -> (codes [in, out], scales [in/g, out])."""
     weight = weight.clone().to(torch.float64)
@@ -86,7 +92,7 @@ def quantize_gptq(
             absolute = start + col
             if absolute % group_size == 0:
                 group = block[:, col : col + group_size]
-                scale = group_scales(group)
+                scale = group_scales(group, scale_dtype)
                 scales[absolute // group_size] = scale
             scale = scales[absolute // group_size]
             column = block[:, col]
@@ -165,6 +171,7 @@ def quantize_model(
     group_size: int,
     method: str,
     calibration: list[torch.Tensor] | None = None,
+    scale_dtype: torch.dtype = gptq_format.SCALE_DTYPE,
 ) -> dict[str, gptq_format.PackedLinear]:
     """Quantize every decoder linear of `model`; returns packed tensors by module name.
 
@@ -178,8 +185,8 @@ def quantize_model(
     for name, module in tqdm(linears.items(), desc=f"quantize ({method})", unit="layer"):
         weight = module.weight.detach().to(torch.float32)
         if method == "gptq":
-            codes, scales = quantize_gptq(weight, hessians[name], group_size)
+            codes, scales = quantize_gptq(weight, hessians[name], group_size, scale_dtype=scale_dtype)
         else:
-            codes, scales = quantize_rtn(weight, group_size)
-        packed[name] = gptq_format.pack(codes, scales, group_size)
+            codes, scales = quantize_rtn(weight, group_size, scale_dtype)
+        packed[name] = gptq_format.pack(codes, scales, group_size, scale_dtype)
     return packed
