@@ -95,3 +95,32 @@ def test_results_files_name_the_cpu_by_lscpu_model_and_kernel_deciding_flags():
     assert machine["cpu"] == fields["Model name"].strip()
     assert machine["isa_flags"] == sorted(f for f in fields["Flags"].split() if f.startswith(ISA_FLAG_PREFIXES))
     assert machine["cpus"] == os.cpu_count()
+
+
+def test_positions_where_the_16_bit_reference_misses_float32_are_left_out_of_max_and_greedy_only():
+    import torch
+
+    ids = [0, 1, 2, 3, 1]
+    reference = torch.log_softmax(torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 1.0, 0.0],
+                                                [0.0, 0.0, 2.0, 1.0], [0.0, 1.5, 0.0, 0.0]]), -1)
+    in_16_bit = reference.clone()
+    in_16_bit[0, 1] -= 2.0                    # position 0: the text token's log-prob moves by 2 nats
+    in_16_bit[2, 3] += 2.0                    # position 2: argmax flips where the float32 margin is 1.0
+    in_16_bit[3, 1] -= 0.2                    # position 3: within the bounds
+    excused = model_check.ill_conditioned_positions(reference, in_16_bit, ids, model_check.Bounds())
+    assert excused == [0, 2]
+
+    targets = torch.tensor(ids[1:])
+    served = reference.gather(1, targets[:, None])[:, 0].tolist()
+    served[0] -= 3.0                          # far off, but where the reference itself is
+    served[3] -= 0.25
+    top1 = [1, 1, 3, 1]                       # flipped at position 2 only
+    report = model_check.compare(served, top1, reference, ids, n_bytes=10, greedy_margin=0.3, excused=excused)
+    assert report.max_logprob_dev == pytest.approx(0.25) and report.worst_position == 3
+    assert report.mean_logprob_dev == pytest.approx((3.0 + 0.25) / 4)  # the mean keeps every position
+    assert report.greedy_checked == report.greedy_agree == 2 and report.ill_conditioned == [0, 2]
+    loose = model_check.Bounds(mean_logprob_dev=1.0, bpb_rel=1.0)
+    # 2 of 4 positions excused is past the 1% a kernel fault would exceed: that alone fails
+    assert [p.split(" positions")[0] for p in model_check.violations(report, loose)] == ["2 of 4"]
+    unexcused = model_check.compare(served, top1, reference, ids, n_bytes=10, greedy_margin=0.3)
+    assert [p.split()[0] for p in model_check.violations(unexcused, loose)] == ["max", "greedy"]

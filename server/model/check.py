@@ -23,6 +23,12 @@ by one (mean 2.59 nats), positions off by 64 from token 100 on (mean 0.117, -1.5
 byte), one layer's weights replaced by its neighbour's (mean 0.98), int8 activations into every
 decoder linear as vLLM's W4A8 path does (simulated: mean 0.189, +1.91%, 38 greedy flips). What
 they do not catch: errors within bf16 rounding, e.g. one down_proj scaled by 1.1 (mean 0.048).
+
+Where the engine computes in 16 bits, positions where HF transformers in that dtype already misses
+its own float32 result by more than the default bounds are left out of the max-deviation and
+greedy checks (`ill_conditioned_positions`; at most 1% of them). On an Intel Xeon with AVX-512
+but neither BF16 nor AMX, with bf16 scales (model prepared 2026-12-03): position 0 only (HF bf16
+9.7 nats off there, served 4.6); elsewhere max 0.516, mean 0.0511, -0.067%, 732/732 greedy calls.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +51,10 @@ patch releases (whose docs may differ slightly) can be told apart."""
 MEASURED_ZEN4 = {"max_logprob_dev": 0.517, "mean_logprob_dev": 0.0348, "bpb_rel": 0.00113,
                  "largest_margin_flipped": 0.134}
 """Served bf16 (W4A16, vec attention) vs fp32 reference on AMD EPYC Zen 4, built-in text, 884 tokens."""
+
+
+MAX_ILL_CONDITIONED_SHARE = 0.01
+"""A kernel fault would show as many such positions; bf16 left 1 of 884 on SmolLM2 (position 0)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,10 @@ class CheckReport:
     greedy_agree: int
     greedy_agree_all_positions: float
     disagreements: list[dict] = field(default_factory=list)
+    ill_conditioned: list[int] = field(default_factory=list)
+    """Positions left out of the max-deviation and greedy checks: there HF transformers itself, in
+    the served 16-bit dtype on the same weights, misses its own float32 result by more than the
+    bounds (`ill_conditioned_positions`)."""
     text_sha256: str = ""
     kernels: dict = field(default_factory=dict)
 
@@ -130,31 +145,52 @@ async def served_prompt_logprobs(engine, ids: list[int], request_id: str) -> tup
     return actual, top1
 
 
+def ill_conditioned_positions(reference, reference_16bit, ids: list[int], bounds: "Bounds") -> list[int]:
+    """Positions where the reference computed in the served 16-bit dtype already fails `bounds`
+    (the defaults, whatever an operator tightens) against itself in float32: its log-prob of the text's token moves by more than
+    `max_logprob_dev`, or its argmax flips where the float32 margin exceeds `greedy_margin`. The
+    first position after the document-start token is one for SmolLM2 (its residual stream holds
+    values near 940 there, where bf16's spacing is 4; HF in bf16 was 9.7 nats off at it), so no
+    served kernel can be held to the float32 value there."""
+    import torch
+
+    targets = torch.tensor(ids[1:])[:, None]
+    moved = (reference.gather(1, targets) - reference_16bit.gather(1, targets))[:, 0].abs() > bounds.max_logprob_dev
+    top2 = reference.topk(2, dim=-1)
+    flipped = ((top2.values[:, 0] - top2.values[:, 1]) > bounds.greedy_margin) & (
+        reference_16bit.argmax(-1) != top2.indices[:, 0])
+    return torch.nonzero(moved | flipped)[:, 0].tolist()
+
+
 def compare(served: list[float], served_top1: list[int], reference, ids: list[int], n_bytes: int,
-            greedy_margin: float) -> CheckReport:
-    """Deviation, greedy agreement and bits per byte of served vs reference log-probs."""
+            greedy_margin: float, excused: Sequence[int] = ()) -> CheckReport:
+    """Deviation, greedy agreement and bits per byte of served vs reference log-probs; positions
+    in `excused` count in the mean and bits per byte only."""
     import torch
 
     targets = torch.tensor(ids[1:])
     ref = reference.gather(1, targets[:, None])[:, 0].double()
     dev = (torch.tensor(served, dtype=torch.float64) - ref).abs()
+    checked = torch.ones(len(served), dtype=torch.bool)
+    checked[list(excused)] = False
     top2 = reference.topk(2, dim=-1)
     margin = (top2.values[:, 0] - top2.values[:, 1]).double()
     ref_top1 = top2.indices[:, 0]
     served_top1_t = torch.tensor(served_top1)
-    decided = margin > greedy_margin
+    decided = (margin > greedy_margin) & checked
     wrong = decided & (served_top1_t != ref_top1)
     bpb_served = -sum(served) / math.log(2) / n_bytes
     bpb_ref = -ref.sum().item() / math.log(2) / n_bytes
     disagreements = [{"position": int(t), "served": int(served_top1_t[t]), "reference": int(ref_top1[t]),
                       "reference_margin": round(float(margin[t]), 4)} for t in torch.nonzero(wrong)[:, 0][:10]]
+    checked_dev = torch.where(checked, dev, torch.zeros_like(dev))
     return CheckReport(
-        tokens=len(served), bytes=n_bytes, max_logprob_dev=float(dev.max()), mean_logprob_dev=float(dev.mean()),
-        worst_position=int(dev.argmax()), bpb_served=bpb_served, bpb_reference=bpb_ref,
+        tokens=len(served), bytes=n_bytes, max_logprob_dev=float(checked_dev.max()), mean_logprob_dev=float(dev.mean()),
+        worst_position=int(checked_dev.argmax()), bpb_served=bpb_served, bpb_reference=bpb_ref,
         bpb_rel_diff=(bpb_served - bpb_ref) / bpb_ref, greedy_checked=int(decided.sum()),
         greedy_agree=int((decided & ~wrong).sum()),
         greedy_agree_all_positions=float((served_top1_t == ref_top1).double().mean()),
-        disagreements=disagreements)
+        disagreements=disagreements, ill_conditioned=list(excused))
 
 
 def violations(report: CheckReport, bounds: Bounds) -> list[str]:
@@ -167,6 +203,9 @@ def violations(report: CheckReport, bounds: Bounds) -> list[str]:
         problems.append(f"mean log-prob deviation {report.mean_logprob_dev:.4f} > {bounds.mean_logprob_dev} nats")
     if abs(report.bpb_rel_diff) > bounds.bpb_rel:
         problems.append(f"bits per byte differ by {report.bpb_rel_diff:+.3%} (bound {bounds.bpb_rel:.2%})")
+    if len(report.ill_conditioned) > MAX_ILL_CONDITIONED_SHARE * report.tokens:
+        problems.append(f"{len(report.ill_conditioned)} of {report.tokens} positions are ill-conditioned in the served "
+                        f"dtype (bound {MAX_ILL_CONDITIONED_SHARE:.0%}): the reference in that dtype is itself off")
     if report.greedy_agree < report.greedy_checked:
         problems.append(f"greedy argmax differs at {report.greedy_checked - report.greedy_agree} of "
                         f"{report.greedy_checked} positions with reference margin > {bounds.greedy_margin} nats")
@@ -177,10 +216,19 @@ async def check_engine(engine, reference, text: str, bounds: Bounds) -> CheckRep
     """Run the check on a started engine against a loaded reference model."""
     from artefacts import cpu_kernels
 
+    import copy
+
+    import torch
+
     ids = scored_ids(engine.tokenizer, text)
     served, served_top1 = await served_prompt_logprobs(engine, ids, "model-check")
-    report = compare(served, served_top1, reference_logprobs(reference, ids), ids, len(text.encode("utf-8")),
-                     bounds.greedy_margin)
+    reference_lp = reference_logprobs(reference, ids)
+    excused = []
+    if engine.dtype in ("bfloat16", "float16"):
+        in_dtype = copy.deepcopy(reference).to(getattr(torch, engine.dtype))
+        excused = ill_conditioned_positions(reference_lp, reference_logprobs(in_dtype, ids), ids, Bounds())
+    report = compare(served, served_top1, reference_lp, ids, len(text.encode("utf-8")), bounds.greedy_margin,
+                     excused)
     report.text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     gptq = engine.served_dir == Path(engine.config.model_dir) and engine.served_what.startswith("gptq")
     report.kernels = {"dtype": engine.dtype, "served": engine.served_what,
@@ -199,6 +247,8 @@ def format_report(report: CheckReport, bounds: Bounds, problems: list[str]) -> s
         (f"greedy agreement (ref margin > {bounds.greedy_margin})",
          f"{report.greedy_agree}/{report.greedy_checked}", "all"),
         ("greedy agreement, all positions", f"{report.greedy_agree_all_positions:.3f}", "(info)"),
+        ("ill-conditioned positions (left out above)", f"{report.ill_conditioned}"[:20],
+         f"<= {MAX_ILL_CONDITIONED_SHARE:.0%}"),
     ]
     lines = [f"kernels: {', '.join(f'{k}={v}' for k, v in report.kernels.items())}"]
     lines += [f"{name:<42} {value:>20}  {bound}" for name, value, bound in rows]
