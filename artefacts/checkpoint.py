@@ -107,7 +107,13 @@ def ensure_dense_copy(model_dir: Path) -> Path:
         for name in TOKENIZER_AND_CONFIG:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, work / name)
-        os.replace(work, target)
+        try:
+            os.replace(work, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(work, ignore_errors=True)  # another process published the same copy first
+            return target
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
