@@ -8,7 +8,8 @@ Each file gives one table, with the command that produced it above. `eval run` f
 bits per byte) give bits per byte, the change against the model alone with its 95% interval and
 documents worse, the prose-only change and the share of tokens made less likely; `eval sweep`
 files give each datastore size with the step from the next smaller one; `bench_serving`
-files give throughput and latency ratios against their first row. `--check` finds every
+files give throughput and latency ratios against their first row; `eval cloze` files give exact
+match per mode with its difference from the model alone. `--check` finds every
 `<!-- table: PATH -->` marker in a Markdown file and fails when the table under it differs from
 the one this script makes from PATH.
 """
@@ -79,7 +80,11 @@ def table(path: Path) -> list[str]:
 
 def table_from_payload(payload: dict) -> list[str]:
     rows = payload.get("rows") or []
-    if rows and "fraction" in rows[0]:
+    if payload.get("command") == "cloze":
+        from server.evaluation.cloze import cloze_table
+
+        lines = cloze_table(rows)
+    elif rows and "fraction" in rows[0]:
         lines = sweep_table(payload)
     elif rows and "bits_per_byte" in rows[0]:
         lines = eval_table(payload)

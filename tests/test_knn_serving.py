@@ -443,3 +443,78 @@ def test_the_knn_model_class_runs_in_vllms_cuda_model_runner(knn_plugin_visible,
         assert sum(mixed[1][1:]) > sum(alone[1][1:])
     finally:
         cuda_server.stop()
+
+
+HELD_OUT_RST = """Statements that name things
+============================
+
+A program names objects through statements that bind names in a namespace. The namespace is
+chosen by the statement's position in the program, and some statements change that choice for
+the rest of a code block.
+
+The :keyword:`global` statement declares names of the module namespace; inside a function it
+makes assignments rebind ``module_level_name``. An ``assert`` that fails raises
+:exc:`AssertionError`, and a ``nonlocal`` declaration makes :func:`enclosing_counter` rebind the
+counter of the enclosing function instead of creating ``local_counter``.
+"""
+
+
+def test_eval_cloze_generates_through_the_server_in_every_mode(hybrid_server, tmp_path, capsys):
+    """`eval cloze` asks the running server for each item in each mode: its outputs are exactly the
+    greedy outputs of the same requests sent one by one, scored by is_hit, and chunk mode retrieves."""
+    from server.cli.main import build_parser
+    from server.client import RetroserveClient
+    from server.evaluation import cloze
+
+    document = tmp_path / "names.rst"
+    document.write_text(HELD_OUT_RST)
+    modes = ["none", "chunk", "token", "hybrid"]
+    args = build_parser().parse_args(["eval", "cloze", "--address", hybrid_server.address, "--heldout",
+                                      str(document), "--modes", *modes, "--max-new-tokens", "8",
+                                      "--concurrency", "1", "--output-dir", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    items = [(i["answer"], i["offset"]) for i in payload["items"]]
+    assert [answer for answer, _ in items] == ["global", "module_level_name", "assert", "AssertionError", "nonlocal",
+                                               "enclosing_counter", "local_counter"]
+    assert [row["mode"] for row in payload["rows"]] == modes and all(r["items"] == 7 for r in payload["rows"])
+    with RetroserveClient(hybrid_server.address, timeout=300) as client:
+        for (answer, offset), record in zip(items, payload["items"]):
+            prompt = HELD_OUT_RST[:offset].rstrip()
+            for mode in modes:
+                response = client.generate(prompt, mode=mode, temperature=0.0, max_new_tokens=8,
+                                           return_provenance=True)
+                assert record["outputs"][mode] == " ".join(response.text.split()[:8])
+                assert record["hits"][mode] == cloze.is_hit(answer, response.text, 8)
+                assert bool(response.retrievals) == (mode in ("chunk", "hybrid"))
+    assert "| hybrid | 7 |" in capsys.readouterr().out
+
+
+def test_eval_cloze_refuses_modes_the_server_lacks_and_neighbours_from_the_scored_document(
+        knn_server, prepared_model_dir, encoder, tmp_path, capsys):
+    from datastore_tools.build import BuildConfig, build_datastore
+    from loopback import second_server, server_config
+    from server.cli.main import build_parser
+
+    document = tmp_path / "names.rst"
+    document.write_text(HELD_OUT_RST)
+    args = build_parser().parse_args(["eval", "cloze", "--address", knn_server.address, "--heldout", str(document),
+                                      "--modes", "none", "chunk", "--output-dir", str(tmp_path / "a")])
+    assert args.func(args) == 2
+    assert "cannot serve mode(s) chunk" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+    # A server whose chunk datastore holds the scored document: its own chunks come back as neighbours.
+    leaky = tmp_path / "leaky"
+    build_datastore(BuildConfig(output=leaky, model_dir=prepared_model_dir, inputs=[document], index="Flat",
+                                progress=False), encoder=encoder)
+    running = second_server(knn_server, server_config(prepared_model_dir, leaky))
+    try:
+        args = build_parser().parse_args(["eval", "cloze", "--address", running.address, "--heldout", str(document),
+                                          "--modes", "chunk", "--max-new-tokens", "4",
+                                          "--output-dir", str(tmp_path / "b")])
+        assert args.func(args) == 2
+    finally:
+        running.stop()
+    err = capsys.readouterr().err
+    assert "names.rst was retrieved for an item cut from that document" in err and "holds held-out text" in err
+    assert not (tmp_path / "b").exists()

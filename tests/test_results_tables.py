@@ -49,3 +49,13 @@ def test_a_sweep_gives_one_row_per_size_with_the_step_from_the_next_smaller():
         "| 10% of the files | 4,000 | 3,000 | 1.0800 | -7.0% [-10.0, -4.0] | 0 of 12 |  |  |",
         "| 100% of the files | 40,000 | 3,000 | 1.0500 | -10.0% [-15.0, -5.0] | 0 of 12 | -3.0% [-6.0, -1.0] | 3 of 12 |",
     ]
+
+
+def test_a_cloze_file_gives_exact_match_per_mode_with_the_change_from_the_model_alone():
+    rows = [{"mode": "none", "items": 200, "hits": 50, "accuracy": 0.25, "low": 0.2, "high": 0.3},
+            {"mode": "chunk", "items": 200, "hits": 70, "accuracy": 0.35, "low": 0.29, "high": 0.41,
+             "vs_base": {"base": "none", "points": 10.0, "low": 6.5, "high": 13.25, "won": 30, "lost": 10}}]
+    made = results_tables.table_from_payload({"command": "cloze", "invocation": "retroserve eval cloze", "rows": rows})
+    assert made[0] == "`retroserve eval cloze`"
+    assert made[-2:] == ["| none | 200 | 25.0% [20.0, 30.0] |  |  |",
+                         "| chunk | 200 | 35.0% [29.0, 41.0] | +10.0 [+6.5, +13.2] | 30 / 10 |"]

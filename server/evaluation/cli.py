@@ -3,10 +3,13 @@
     retroserve eval split /usr/share/doc/python3.11/html/_sources -o runs/split.json
     retroserve eval run --split runs/split.json --datastore DIR --k 2 4 --stride 16 64
     retroserve eval sweep --split runs/split.json --fractions 0.1 0.3 1.0 --reference-model DIR
+    retroserve eval cloze --split runs/split.json --address 127.0.0.1:50051 --modes none chunk
 
 Each command prints a table and writes `results.json` (every number) and PNG plots into
-`--output-dir`. The engine is the server's (server/core/engine.py), loaded once per command; several
-retrieval settings in one `run` share it, which is what makes ablations cheap.
+`--output-dir`. `run` and `sweep` score bits per byte with the server's engine
+(server/core/engine.py), loaded once per command; several retrieval settings in one `run` share
+it, which is what makes ablations cheap. `cloze` scores generation through a running server
+(server/evaluation/cloze.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.core import context
@@ -490,6 +494,59 @@ async def sweep_async(args, engine=None) -> dict:
     return payload
 
 
+def cloze_modes(info, modes: Sequence[str]) -> list[str]:
+    """The requested modes, refused with the reason where the server cannot serve one."""
+    serves = {"none": True, "chunk": info.datastore.loaded, "token": info.token_datastore.loaded}
+    serves["hybrid"] = serves["chunk"] and serves["token"]
+    missing = [mode for mode in modes if not serves[mode]]
+    if missing:
+        raise EvalError(f"the server cannot serve mode(s) {', '.join(missing)}: chunk and hybrid need it started "
+                        "with a chunk datastore (--datastore-dir), token and hybrid with --token-datastore; "
+                        "or leave those out of --modes")
+    return list(modes)
+
+
+def run_cloze(args) -> int:
+    """`eval cloze` against a running server (server/evaluation/cloze.py)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from datastore_tools.ingest import read_documents
+    from server.client import RetroserveClient
+    from server.evaluation import cloze
+    from server.evaluation.scoring import source_key
+
+    files = read_split(args.split)["heldout"] if args.split else [str(p) for p in args.heldout or []]
+    if not files:
+        raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
+    documents, _ = read_documents(files)
+    if args.token_datastore:
+        refuse_leaking_token_datastore(Path(args.token_datastore), documents)
+    items = cloze.cloze_items(documents, args.items_per_document, args.context_chars)
+    if not items:
+        raise EvalError(f"no cloze items in {len(documents)} documents: the items are names in reStructuredText "
+                        "inline markup (:func:`name`, ``name``) that the text before them does not contain")
+    with RetroserveClient(args.address) as client:
+        info = client.info(timeout=30)
+        modes = cloze_modes(info, args.modes)
+        try:
+            outputs = {mode: cloze.answer_items(client, items, mode, args.max_new_tokens, args.concurrency,
+                                                args.timeout, lambda a, b: source_key(a) == source_key(b))
+                       for mode in modes}
+        except cloze.LeakedNeighbour as error:
+            raise EvalError(f"{error}: the server's chunk datastore holds held-out text; serve one built "
+                            "from the split's datastore files") from error
+    payload = {"command": "cloze", "invocation": invocation(), "machine": machine_description(),
+               "server": MessageToDict(info, preserving_proto_field_name=True),
+               "settings": {name: getattr(args, name) for name in (
+                   "items_per_document", "context_chars", "max_new_tokens", "words")},
+               "documents": [d.source for d in documents],
+               **cloze.results_payload(items, outputs, args.words)}
+    payload["server"].pop("limits", None)
+    print("\n".join(cloze.cloze_table(payload["rows"])))
+    print(f"wrote {write_results(args.output_dir, payload)}")
+    return 0
+
+
 def exit_cleanly_on_sigterm() -> None:
     """SIGTERM raises SystemExit so `finally` shuts the engine down: killed without it, the main
     process dies and vLLM's engine-core process was seen running on, orphaned, for 20 minutes."""
@@ -600,6 +657,31 @@ def add_eval_commands(groups):
                           "k-th squared distance (0: no gate)")
     add_scoring_arguments(run)
     run.set_defaults(func=handles_errors(run_run))
+
+    cloze = commands.add_parser(
+        "cloze", help="greedy generation of the API names held-out documents use next, per retrieval mode",
+        description="Builds cloze items from held-out reStructuredText (the text before an API name, function, "
+                    "constant or option in inline markup that the text has not named yet) and asks a running "
+                    "server to continue each greedily in every --modes mode. An item counts when the name is "
+                    "among the first --words words generated. Accuracy and each mode's difference from the "
+                    "model alone come with 95%% intervals from a paired bootstrap over documents (10,000 "
+                    "resamples, seed 0); results.json holds every item's outputs.")
+    cloze.add_argument("--address", default="127.0.0.1:50051", help="the server (`retroserve serve`)")
+    cloze.add_argument("--split", type=Path, default=None, help="score the split's held-out files")
+    cloze.add_argument("--heldout", type=Path, nargs="+", default=None)
+    cloze.add_argument("--modes", nargs="+", choices=RETRIEVAL_MODES, default=["none", "chunk"],
+                       help="retrieval modes to compare (default: none chunk); the first is the baseline "
+                            "when none is missing")
+    cloze.add_argument("--token-datastore", type=Path, default=None,
+                       help="the token datastore the server serves, to refuse one built from a scored document")
+    cloze.add_argument("--items-per-document", type=int, default=20)
+    cloze.add_argument("--context-chars", type=int, default=1000, help="characters of text before each name")
+    cloze.add_argument("--max-new-tokens", type=int, default=24)
+    cloze.add_argument("--words", type=int, default=8, help="an item counts when named within this many words")
+    cloze.add_argument("--concurrency", type=int, default=16)
+    cloze.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    cloze.add_argument("--output-dir", type=Path, default=Path("runs/eval/cloze"))
+    cloze.set_defaults(func=handles_errors(run_cloze))
 
     sweep = commands.add_parser("sweep", help="build datastores from growing fractions and score each")
     sweep.add_argument("--split", type=Path, required=True)
