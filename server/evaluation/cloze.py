@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import grpc
 from tqdm import tqdm
 
 from server.config import CHUNK_MODES
@@ -27,6 +28,9 @@ INLINE_NAME = re.compile(r"(?::[a-z]+(?::[a-z]+)?:`(?P<role>[^`]+)`|``(?P<litera
 """A role's target (:func:`x`, :c:func:`x`) or an inline literal (``x``) in reStructuredText."""
 API_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|--?[A-Za-z][A-Za-z0-9_-]*")
 """What counts as a name: a dotted identifier or a command-line option."""
+UNAVAILABLE_RETRIES = 3
+"""A greedy request is repeated when the server answers UNAVAILABLE (a connection closed at its
+max age or while draining): one long run must not lose every answer to it."""
 MIN_NAME_CHARS = 4
 """Shorter names (``x``, ``-m``, ``len``) are too easy to produce by chance or too generic."""
 
@@ -98,8 +102,14 @@ def answer_items(client, items: Sequence[ClozeItem], mode: str, max_new_tokens: 
     chunk_mode = mode in CHUNK_MODES
 
     def answer(item: ClozeItem) -> str:
-        response = client.generate(item.prompt, mode=mode, temperature=0.0, max_new_tokens=max_new_tokens,
-                                   return_provenance=chunk_mode, timeout=timeout_s)
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            try:
+                response = client.generate(item.prompt, mode=mode, temperature=0.0, max_new_tokens=max_new_tokens,
+                                           return_provenance=chunk_mode, timeout=timeout_s)
+                break
+            except grpc.RpcError as error:  # e.g. the server's max connection age closed the channel
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == UNAVAILABLE_RETRIES:
+                    raise
         for retrieval in response.retrievals:
             for neighbour in retrieval.neighbours:
                 if same_source(neighbour.source, item.source):
