@@ -382,16 +382,19 @@ def refuse_leaking_token_datastore(token_datastore: Path, documents) -> None:
                         "(`retroserve eval split` writes them) so held-out text is not in it")
 
 
-def heldout_from_args(args) -> list:
+def heldout_files(args) -> list[str]:
+    """The files --split or --heldout names (one of them)."""
     if args.split and args.heldout:
         raise EvalError("pass --split FILE or --heldout FILES, not both (--split scores the split's held-out files)")
     if args.split:
-        files = read_split(args.split)["heldout"]
-    elif args.heldout:
-        files = [str(p) for p in args.heldout]
-    else:
-        raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
-    return heldout_documents(files, args.max_docs, args.windows, args.max_doc_chars)
+        return read_split(args.split)["heldout"]
+    if args.heldout:
+        return [str(p) for p in args.heldout]
+    raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
+
+
+def heldout_from_args(args) -> list:
+    return heldout_documents(heldout_files(args), args.max_docs, args.windows, args.max_doc_chars)
 
 
 def run_split(args) -> int:
@@ -513,12 +516,8 @@ def run_cloze(args) -> int:
     from datastore_tools.ingest import read_documents
     from server.client import RetroserveClient
     from server.evaluation import cloze
-    from server.evaluation.scoring import source_key
 
-    files = read_split(args.split)["heldout"] if args.split else [str(p) for p in args.heldout or []]
-    if not files:
-        raise EvalError("pass --split FILE (from `retroserve eval split`) or --heldout FILES")
-    documents, _ = read_documents(files)
+    documents, _ = read_documents(heldout_files(args))
     if args.token_datastore:
         refuse_leaking_token_datastore(Path(args.token_datastore), documents)
     items = cloze.cloze_items(documents, args.items_per_document, args.context_chars)
@@ -530,7 +529,7 @@ def run_cloze(args) -> int:
         modes = cloze_modes(info, args.modes)
         try:
             outputs = {mode: cloze.answer_items(client, items, mode, args.max_new_tokens, args.concurrency,
-                                                args.timeout, lambda a, b: source_key(a) == source_key(b))
+                                                args.timeout)
                        for mode in modes}
         except cloze.LeakedNeighbour as error:
             raise EvalError(f"{error}: the server's chunk datastore holds held-out text; serve one built "

@@ -23,6 +23,7 @@ import grpc
 from tqdm import tqdm
 
 from server.config import CHUNK_MODES
+from server.evaluation.scoring import source_key
 
 INLINE_NAME = re.compile(r"(?::[a-z]+(?::[a-z]+)?:`(?P<role>[^`]+)`|``(?P<literal>[^`]+)``)")
 """A role's target (:func:`x`, :c:func:`x`) or an inline literal (``x``) in reStructuredText."""
@@ -96,9 +97,9 @@ class LeakedNeighbour(Exception):
 
 
 def answer_items(client, items: Sequence[ClozeItem], mode: str, max_new_tokens: int, concurrency: int,
-                 timeout_s: float, same_source) -> list[str]:
+                 timeout_s: float) -> list[str]:
     """Each item's greedy continuation in `mode`, `concurrency` requests in flight. In chunk modes a
-    neighbour from the item's own document raises LeakedNeighbour (`same_source(a, b)` compares)."""
+    neighbour from the item's own document raises LeakedNeighbour."""
     chunk_mode = mode in CHUNK_MODES
 
     def answer(item: ClozeItem) -> str:
@@ -112,7 +113,7 @@ def answer_items(client, items: Sequence[ClozeItem], mode: str, max_new_tokens: 
                     raise
         for retrieval in response.retrievals:
             for neighbour in retrieval.neighbours:
-                if same_source(neighbour.source, item.source):
+                if source_key(neighbour.source) == source_key(item.source):
                     raise LeakedNeighbour(f"chunk {neighbour.chunk_id} of {neighbour.source} was retrieved for "
                                           "an item cut from that document")
         return response.text

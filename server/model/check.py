@@ -147,8 +147,8 @@ async def served_prompt_logprobs(engine, ids: list[int], request_id: str) -> tup
 
 def ill_conditioned_positions(reference, reference_16bit, ids: list[int], bounds: "Bounds") -> list[int]:
     """Positions where the reference computed in the served 16-bit dtype already fails `bounds`
-    (the defaults, whatever an operator tightens) against itself in float32: its log-prob of the text's token moves by more than
-    `max_logprob_dev`, or its argmax flips where the float32 margin exceeds `greedy_margin`. The
+    (the defaults, whatever an operator tightens) against itself in float32: its log-prob of the
+    text's token moves by more than `max_logprob_dev`, or its argmax flips where the float32 margin exceeds `greedy_margin`. The
     first position after the document-start token is one for SmolLM2 (its residual stream holds
     values near 940 there, where bf16's spacing is 4; HF in bf16 was 9.7 nats off at it), so no
     served kernel can be held to the float32 value there."""
@@ -214,11 +214,11 @@ def violations(report: CheckReport, bounds: Bounds) -> list[str]:
 
 async def check_engine(engine, reference, text: str, bounds: Bounds) -> CheckReport:
     """Run the check on a started engine against a loaded reference model."""
-    from artefacts import cpu_kernels
-
     import copy
 
     import torch
+
+    from artefacts import cpu_kernels
 
     ids = scored_ids(engine.tokenizer, text)
     served, served_top1 = await served_prompt_logprobs(engine, ids, "model-check")
