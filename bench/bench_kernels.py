@@ -1,8 +1,11 @@
 """Kernel benchmark (needs a CUDA GPU): kNN-LM interpolation (Triton vs torch reference) and
 exact search (fp16 keys vs a float32 torch matmul baseline). Not a test; prints a table and
-writes JSON.
+writes JSON. `--cpu`: the interpolation on the CPU instead (the sparse torch path the engine uses
+there vs the dense reference), single-threaded like vLLM's CPU engine process, medians of
+perf_counter times.
 
     PYTHONPATH=. python bench/bench_kernels.py --out runs/bench_kernels.json   # from the repo root
+    PYTHONPATH=. python bench/bench_kernels.py --cpu --batches 1 16 64 --ks 16 64 --out runs/bench_kernels_cpu.json
 
 Times are medians from triton.testing.do_bench (CUDA events, L2 flushed between runs).
 Interpolation is timed two ways: the public wrapper (argument checks, one host round trip,
@@ -25,6 +28,7 @@ from kernels.exact_search import TorchExactIndex
 from kernels.knn_interpolation import (
     _score_scale,
     knn_interpolate_reference,
+    knn_interpolate_sparse,
     knn_interpolate_triton,
     launch_interpolation,
 )
@@ -87,6 +91,60 @@ def bench_interpolation(batches, ks, ceilings) -> list[dict]:
     return rows_out
 
 
+def bench_interpolation_cpu(batches, ks, repeats: int = 30) -> list[dict]:
+    """Dense reference vs sparse path on one CPU thread (median ms), and their largest difference."""
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(times)
+
+    rows_out = []
+    g = torch.Generator().manual_seed(0)
+    for batch in batches:
+        for k in ks:
+            logits = (3 * torch.randn(batch, VOCAB, generator=g)).to(torch.bfloat16)
+            dist = 40 * torch.rand(batch, k, generator=g)
+            ids = torch.randint(0, VOCAB, (batch, k), generator=g)
+            lam = torch.full((batch,), 0.25)
+            args = dict(temperature=30.0, lam=lam, validate=False)
+            ref = knn_interpolate_reference(logits, dist, ids, **args)
+            sparse = knn_interpolate_sparse(logits, dist, ids, **args)
+            finite = torch.isfinite(ref)
+            row = dict(B=batch, V=VOCAB, K=k,
+                       reference_ms=median_ms(lambda: knn_interpolate_reference(logits, dist, ids, **args)),
+                       sparse_ms=median_ms(lambda: knn_interpolate_sparse(logits, dist, ids, **args)),
+                       log_softmax_ms=median_ms(lambda: torch.log_softmax(logits, -1, dtype=torch.float32)),
+                       max_abs_diff=float((sparse[finite] - ref[finite]).abs().max()))
+            row["speedup"] = row["reference_ms"] / row["sparse_ms"]
+            rows_out.append(row)
+            log.info("interp cpu %s", row)
+    return rows_out
+
+
+def cpu_main(args) -> None:
+    result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "python": platform.python_version(), "threads": 1,
+              "interpolation_cpu": bench_interpolation_cpu(args.batches, args.ks)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print("
+kNN-LM interpolation on one CPU thread, V=49152, bf16 logits (ms, median)")
+    print(f"{'B':>4} {'K':>5} {'dense ref':>10} {'sparse':>8} {'log_softmax':>12} {'speedup':>8} {'max|diff|':>10}")
+    for r in result["interpolation_cpu"]:
+        print(f"{r['B']:>4} {r['K']:>5} {r['reference_ms']:>10.2f} {r['sparse_ms']:>8.2f} {r['log_softmax_ms']:>12.2f} "
+              f"{r['speedup']:>7.1f}x {r['max_abs_diff']:>10.2e}")
+    print(f"\nwrote {args.out}")
+
+
 def bench_search(sizes, n_queries, k, ceilings) -> list[dict]:
     rows_out = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -125,8 +183,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--cpu", action="store_true", help="interpolation on the CPU (sparse vs dense reference)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cpu:
+        return cpu_main(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     import triton

@@ -1,6 +1,8 @@
-"""Kernels: kNN-LM interpolation (torch reference and Triton) and the exact torch search path.
+"""Kernels: kNN-LM interpolation (torch reference, sparse torch path, Triton) and the exact torch search path.
 
-- the reference matches an independent float64 numpy implementation on odd shapes and dtypes;
+- the reference and the sparse path match an independent float64 numpy implementation on odd
+  shapes and dtypes, and the sparse path equals the reference bit for bit at every token no
+  neighbour names;
 - rows that do not use kNN are torch.log_softmax bit for bit, whatever the other rows do;
 - the Triton kernels equal the reference under TRITON_INTERPRET=1 on the CPU (in a subprocess,
   because the variable must be set before triton is imported), and on CUDA when there is a GPU;
@@ -25,6 +27,7 @@ from kernels.knn_interpolation import (
     BACKEND_ENV,
     knn_interpolate,
     knn_interpolate_reference,
+    knn_interpolate_sparse,
     knn_interpolate_triton,
 )
 
@@ -105,17 +108,18 @@ def assert_logprobs_close(got, want, atol=1e-4, rtol=1e-5):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fn", [knn_interpolate_reference, knn_interpolate_sparse], ids=["reference", "sparse"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("k", [1, 5, 64])
 @pytest.mark.parametrize("vocab", [1, 17, 1000, 49152])
 @pytest.mark.parametrize("batch", [1, 3, 7])
-def test_reference_matches_float64(batch, vocab, k, dtype):
+def test_reference_matches_float64(batch, vocab, k, dtype, fn):
     case = make_case(batch, vocab, k, DTYPES[dtype], seed=batch * 1000 + vocab + k)
     lam = case["lam"]
     lam[0] = 0.0 if batch > 1 else lam[0]  # a row that does not use kNN, beside ones that do
     if batch >= 3:
         lam[2] = 1.0  # pure kNN: tokens no neighbour names are -inf
-    got = knn_interpolate_reference(case["logits"], case["dist"], case["ids"], temperature=10.0, lam=lam)
+    got = fn(case["logits"], case["dist"], case["ids"], temperature=10.0, lam=lam)
     want = reference_float64(case["logits"], case["dist"], case["ids"], temperature=10.0, lam=lam)
     assert got.dtype == torch.float32 and got.shape == (batch, vocab)
     assert_logprobs_close(got, want)
@@ -123,6 +127,35 @@ def test_reference_matches_float64(batch, vocab, k, dtype):
         assert torch.isneginf(got[2]).any()
     # every mixed row is a distribution
     torch.testing.assert_close(got.double().exp().sum(-1), torch.ones(batch, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("log_counts", [False, True])
+def test_sparse_path_equals_the_reference_off_the_neighbours_tokens(metric, log_counts):
+    """The CPU serving path: bit for bit where no neighbour names the token (log(1-λ) + log p_LM),
+    within float32 rounding of the reference at the neighbours' tokens."""
+    case = make_case(16, 49152, 64, torch.bfloat16, seed=21, metric=metric, log_counts=log_counts)
+    lam = case["lam"]
+    lam[3], lam[5] = 0.0, 1.0
+    args = dict(temperature=30.0, lam=lam, log_counts=case["counts"], metric=metric, validate=False)
+    sparse = knn_interpolate_sparse(case["logits"], case["dist"], case["ids"], **args)
+    dense = knn_interpolate_reference(case["logits"], case["dist"], case["ids"], **args)
+    named = torch.zeros_like(dense, dtype=torch.bool)
+    rows = torch.arange(16)[:, None].expand(16, 64)
+    ok = case["ids"] >= 0
+    named[rows[ok], case["ids"][ok]] = True
+    assert torch.equal(sparse[~named], dense[~named])
+    assert_logprobs_close(sparse[named], dense[named], atol=2e-6, rtol=1e-6)
+
+
+def test_dispatch_on_the_cpu_is_the_sparse_path_and_the_env_forces_the_reference(monkeypatch):
+    case = make_case(4, 3000, 16, torch.bfloat16, seed=22)
+    args = dict(temperature=30.0, lam=case["lam"], validate=False)
+    sparse = knn_interpolate_sparse(case["logits"], case["dist"], case["ids"], **args)
+    dense = knn_interpolate_reference(case["logits"], case["dist"], case["ids"], **args)
+    assert torch.equal(knn_interpolate(case["logits"], case["dist"], case["ids"], **args), sparse)
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert torch.equal(knn_interpolate(case["logits"], case["dist"], case["ids"], **args), dense)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -150,7 +183,8 @@ def test_lambda_zero_rows_are_log_softmax_bit_exact():
     lam = torch.tensor([0.0, 0.3, 0.0, 1.0, 0.7, 0.0])
     row_mask = torch.tensor([True, True, True, True, False, True])  # row 4: λ set but not in kNN mode
     own = torch.log_softmax(case["logits"], dim=-1, dtype=torch.float32)  # vLLM's log-probs
-    for fn, validate in ((knn_interpolate_reference, True), (knn_interpolate, False)):
+    for fn, validate in ((knn_interpolate_reference, True), (knn_interpolate_sparse, False),
+                         (knn_interpolate, False)):
         out = fn(case["logits"], case["dist"], case["ids"], temperature=5.0, lam=lam, row_mask=row_mask,
                  validate=validate)
         for row in (0, 2, 4, 5):
@@ -194,6 +228,9 @@ def test_bad_arguments_raise():
         call(ids=torch.full((2, 3), 10))
     # without validation (the sync-free serving path) out-of-range ids are treated as padding
     out = call(ids=torch.full((2, 3), 10), validate=False)
+    assert torch.equal(out, torch.log_softmax(case["logits"], -1))
+    out = knn_interpolate_sparse(case["logits"], case["dist"], torch.full((2, 3), 10), temperature=1.0, lam=0.5,
+                                 validate=False)
     assert torch.equal(out, torch.log_softmax(case["logits"], -1))
     with pytest.raises(ValueError, match=BACKEND_ENV):
         os.environ[BACKEND_ENV] = "cuda-please"
