@@ -4,7 +4,7 @@
 `compute_logits(hidden_states)` searches the token datastore (retriever/token_datastore.py) once
 for all rows of the batch that belong to token-mode requests and returns, for those rows,
 log(λ·p_kNN + (1-λ)·p_LM) with p_kNN = softmax(-d/T) scattered onto the vocabulary
-(kernels/knn_interpolation.py: Triton on CUDA, the torch reference elsewhere). Rows of other
+(kernels/knn_interpolation.py: Triton on CUDA, the sparse torch path elsewhere). Rows of other
 requests are returned with exactly the values `LlamaForCausalLM` computes. vLLM samples and
 computes log-probs (prompt log-probs too) from what `compute_logits` returns, so generation,
 `logprobs` and `prompt_logprobs` (hence `retroserve eval`) all see the mixture.
@@ -37,6 +37,9 @@ compute_logits raises rather than silently serving the plain LM.
 Speed techniques (server/knn/speed.py), per request in KnnRequestSettings:
 - adaptive retrieval (`skip_above_prob`): rows whose LM max probability is above it keep the raw
   logits and are not searched;
+- the learned gate (engine-wide `gate_threshold` > 0; retriever/knn_gate.py, trained with
+  `retroserve datastore gate`): rows whose predicted λ(x) is below the threshold keep the raw logits
+  and are not searched;
 - pointer following (`pointer_min`, RetoMaton): each request's `_Slot` (which moves with it in the
   persistent batch) keeps the previous position's neighbour ids; a row's observed token is the
   forward's input id at that row's token (the sampled token for decode rows, the next prompt token
@@ -236,6 +239,13 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         self._key_distances: knn_speed.KeyDistances | None = None
         self._pointer_pool = int(settings.get("pointer_pool", DEFAULT_KNN_POINTER_POOL))
         self._pointer_radius = float(settings.get("pointer_radius", DEFAULT_KNN_POINTER_RADIUS))
+        self._gate_threshold = float(settings.get("gate_threshold", 0.0))
+        self._gate = None
+        if self._gate_threshold > 0:
+            from retriever.knn_gate import KnnGate, token_counts
+
+            self._gate = KnnGate.load(settings["datastore"])
+            self._token_counts = token_counts(self.datastore.values, int(vllm_config.model_config.get_vocab_size()))
 
     def get_model_state_cls(self):
         self.knn_state_attached = True
@@ -333,9 +343,13 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         device = logits.device
         slots = [step.slots[request_of_row[row]] for row in active]
         thresholds = np.array([slot.settings.skip_above_prob for slot in slots], dtype=np.float32)
+        skip = np.zeros(len(active), dtype=bool)
         if (thresholds < 1.0).any():  # adaptive retrieval: confident rows keep their raw logits
-            skip = knn_speed.confident_rows(logits[torch.as_tensor(active, device=device)],
-                                            torch.from_numpy(thresholds)).cpu().numpy()
+            skip |= knn_speed.confident_rows(logits[torch.as_tensor(active, device=device)],
+                                             torch.from_numpy(thresholds)).cpu().numpy()
+        if self._gate is not None:  # learned gate: rows with a small predicted λ(x) keep their raw logits
+            skip |= self._gate_skips(logits, active, tokens, step)
+        if skip.any():
             stats.skipped_rows += int(skip.sum())
             active = active[~skip]
             slots = [slot for slot, skipped in zip(slots, skip) if not skipped]
@@ -378,8 +392,10 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         log_counts = knn_speed.log_counts(self.datastore.counts, found.ids)
         lam = torch.tensor([slot.settings.lam for slot in slots], dtype=torch.float32)
         active_t = torch.as_tensor(active, device=device)
+        # Every row mixes (all requests in token mode, λ > 0): no gather in, no scatter out.
+        every_row = len(active) == logits.shape[0] and bool((lam > 0).all())
         mixed = knn_interpolate(
-            logits[active_t],
+            logits if every_row else logits[active_t],
             torch.from_numpy(distances).to(device),
             torch.from_numpy(values).to(device),
             temperature=1.0,
@@ -388,12 +404,15 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
             metric="l2",
             validate=False,
         )
-        out = logits.float()
-        if out.data_ptr() == logits.data_ptr():
-            out = out.clone()
-        # Rows with λ = 0 come back as log_softmax: keep their raw logits, bit for bit.
-        use = (lam > 0).to(device)
-        out[active_t[use]] = mixed[use]
+        if every_row:
+            out = mixed
+        else:
+            out = logits.float()
+            if out.data_ptr() == logits.data_ptr():
+                out = out.clone()
+            # Rows with λ = 0 come back as log_softmax: keep their raw logits, bit for bit.
+            use = (lam > 0).to(device)
+            out[active_t[use]] = mixed[use]
         if any(slot.settings.capture_dir for slot in slots):
             self._capture(slots, queries, positions, found)
         stats.searches += found.searches
@@ -403,6 +422,18 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         stats.mix_s += time.perf_counter() - searched
         self._publish_stats()
         return out
+
+    def _gate_skips(self, logits, active, tokens, step) -> np.ndarray:
+        """Bool [len(active)]: rows whose learned λ(x) is below the engine's gate threshold."""
+        from retriever.knn_gate import features
+
+        rows = torch.as_tensor(active, device=logits.device)
+        log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+        row_tokens = tokens[active]
+        positions = step.positions.cpu().numpy()[row_tokens] if step.positions is not None else row_tokens
+        observed = self._input_ids.cpu().numpy()[row_tokens]
+        lam = self._gate.lam(features(log_probs, positions, observed, self._token_counts))
+        return (lam < self._gate_threshold).cpu().numpy()
 
     def _remember_pointers(self, slots, positions, found) -> None:
         """Keep each request's neighbours of its highest position this step for the next step (the
