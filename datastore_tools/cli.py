@@ -19,8 +19,9 @@ COMMANDS = {
     "verify": "check checksums and index/payload consistency",
     "search": "query a datastore with text",
     "prune": "write a copy without duplicate / never-retrieved chunks (token mode: greedy-merged entries)",
-    "reduce": "write a copy re-encoded to fewer dimensions with PCA",
+    "reduce": "write a copy re-encoded to fewer dimensions with PCA, or under another index",
     "bm25": "add a BM25 index to a chunk datastore, in place (retrievers bm25 and fusion)",
+    "gate": "train a token datastore's learned kNN-LM gate on held-out text, in place (adaptive retrieval)",
     "shard": "split into N shards that share one trained index (for `retroserve retriever serve`)",
 }
 
@@ -341,16 +342,22 @@ def run_prune(args: argparse.Namespace) -> int:
 def add_reduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("datastore", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--pca", type=int, required=True, help="target dimension")
-    parser.add_argument("--index", default=None, help="factory of the new index (default: the source's)")
+    parser.add_argument("--pca", type=int, default=None, help="target dimension (default: keep the full size)")
+    parser.add_argument("--index", default=None,
+                        help="factory of the new index (default: the source's), e.g. IVF2048,PQ288x4fs,RFlat: "
+                             "4-bit fast-scan codes re-ranked with the exact keys (token mode)")
     parser.add_argument("--force", action="store_true")
 
 
 @handles_errors
 def run_reduce(args: argparse.Namespace) -> int:
     from datastore_tools.reduce import reduce_datastore
+    from datastore_tools.errors import DatastoreToolError
     from retriever.datastore import read_manifest
 
+    if args.pca is None and args.index is None:
+        raise DatastoreToolError("datastore reduce needs --pca DIM, --index FACTORY or both "
+                                 "(e.g. --index IVF2048,PQ288x4fs,RFlat to re-index the same keys)")
     if read_manifest(args.datastore).get("mode", "chunk") == "token":
         from datastore_tools.token_prune import reduce_token_datastore
 
@@ -358,8 +365,49 @@ def run_reduce(args: argparse.Namespace) -> int:
     else:
         manifest = reduce_datastore(args.datastore, args.output, args.pca, index=args.index, force=args.force)
     print(f"datastore: {args.output}")
+    kept = f"  variance kept {manifest['pca']['variance_kept']:.4f}" if manifest.get("pca") else ""
     print(f"index: {manifest['index']['factory']}  dims {manifest['dims']['embedding']} -> "
-          f"{manifest['dims']['index']}  variance kept {manifest['pca']['variance_kept']:.4f}")
+          f"{manifest['dims']['index']}{kept}  search params {manifest['index']['search_params']}")
+    return 0
+
+
+# ---- gate --------------------------------------------------------------------------------------
+
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datastore", type=Path, help="a token datastore (`datastore build --mode token`)")
+    parser.add_argument("--heldout", nargs="+", required=True,
+                        help="documents the datastore does not hold (e.g. the dev half of `retroserve eval split`)")
+    parser.add_argument("--model", type=Path, default=None, help="the served model directory (default: the prepared model)")
+    parser.add_argument("--max-doc-chars", type=int, default=2000, help="characters used from each document")
+    # The server's defaults (server/knn/settings.py; tests/test_knn_gate.py keeps them equal).
+    parser.add_argument("--knn-k", type=int, default=64, help="neighbours per position (the server's default 64)")
+    parser.add_argument("--knn-temperature", type=float, default=30.0, help="the server's default 30")
+    parser.add_argument("--knn-lambda", type=float, default=0.25,
+                        help="the constant λ the report compares with (the server's default 0.25)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@handles_errors
+def run_gate(args: argparse.Namespace) -> int:
+    from datastore_tools.token_gate import THRESHOLDS, train_gate
+    from retriever.datastore import read_manifest
+
+    if read_manifest(args.datastore).get("mode", "chunk") != "token":
+        from datastore_tools.errors import DatastoreToolError
+
+        raise DatastoreToolError(f"{args.datastore} is a chunk datastore; the gate decides kNN-LM searches, so it "
+                                 "needs a token datastore (`retroserve datastore build --mode token`)")
+    info = train_gate(args.datastore, args.heldout, model_dir=args.model or _default_model_dir(),
+                      max_doc_chars=args.max_doc_chars, k=args.knn_k, temperature=args.knn_temperature,
+                      constant_lam=args.knn_lambda, seed=args.seed)
+    kept = info["kept_out"]
+    print(f"gate: {args.datastore / 'gate.json'}  ({info['documents']} documents, {info['seconds']:.0f} s)")
+    print(f"kept-out positions {kept['positions']}: nats/token model alone {kept['model_alone']:.4f}, "
+          f"constant λ {kept['constant_lambda']:.4f}, learned λ {kept['learned_lambda']:.4f}")
+    for threshold in THRESHOLDS:
+        skip = kept["skip"][str(threshold)]
+        print(f"  skip where λ(x) < {threshold:g}: {skip['fraction']:.1%} of searches, "
+              f"{skip['constant_lambda_elsewhere']:.4f} nats/token")
     return 0
 
 

@@ -26,6 +26,9 @@ FLAT_BELOW = 20_000
 MIN_POINTS_PER_CENTROID = 39  # faiss warns below this many training points per IVF centroid
 FACTORY_EXAMPLES = "Flat, HNSW32,Flat, IVF256,Flat, IVF512,PQ96, OPQ96,IVF512,PQ96, IVF256,SQ8"
 DEFAULT_EF_SEARCH = 64
+DEFAULT_REFINE_K_FACTOR = 4
+"""A refined index (`...,RFlat`: compressed codes, then exact distances from stored vectors)
+re-ranks k x this many candidates (bench/bench_token_search.py measured the choice)."""
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -80,13 +83,19 @@ def _quantizers(index: faiss.Index) -> list:
 
 
 def default_search_params(index: faiss.Index) -> dict:
-    """Search-time knobs stored in the manifest: nprobe for IVF, efSearch for HNSW, none otherwise."""
-    ivf = faiss.try_extract_index_ivf(index)
+    """Search-time knobs stored in the manifest: nprobe for IVF, efSearch for HNSW, k_factor_rf
+    for a refined index (FAISS ParameterSpace names), none otherwise."""
+    params = {}
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):
+        params["k_factor_rf"] = DEFAULT_REFINE_K_FACTOR
+        outer = faiss.downcast_index(outer.base_index)
+    ivf = faiss.try_extract_index_ivf(outer)
     if ivf is not None:
-        return {"nprobe": int(min(ivf.nlist, max(8, ivf.nlist // 8)))}
-    if "HNSW" in type(faiss.downcast_index(index)).__name__:
-        return {"efSearch": DEFAULT_EF_SEARCH}
-    return {}
+        params["nprobe"] = int(min(ivf.nlist, max(8, ivf.nlist // 8)))
+    elif "HNSW" in type(outer).__name__:
+        params["efSearch"] = DEFAULT_EF_SEARCH
+    return params
 
 
 def validate(factory: str, dim: int, n: int, pca_dim: int | None, metric: str = "inner_product") -> None:
@@ -193,7 +202,8 @@ def build_index(
             faiss.omp_set_num_threads(threads)
     add_seconds = time.perf_counter() - started
     params = dict(default_search_params(inner))
-    params.update({key: value for key, value in (search_params or {}).items() if value is not None})
+    # Only knobs this index has: a source's k_factor_rf or nprobe must not reach an index without them.
+    params.update({key: value for key, value in (search_params or {}).items() if value is not None and key in params})
     info = {
         "index": {"factory": factory, "metric": metric, "search_params": params},
         "pca": pca_info,
