@@ -148,6 +148,23 @@ def test_shard_series_exist_per_shard_and_reason_and_move(endpoint):
     assert after["retroserve_shard_failures_total{reason=timeout,shard=0}"] == 1
 
 
+def test_knn_series_come_from_the_engine_processes_stats_at_scrape_time(endpoint):
+    """Engine-process KnnStats (server/knn/model.py as_dict) become counters; search time per step is
+    rate(retroserve_knn_seconds_total{phase="search"}) / rate(retroserve_knn_steps_total)."""
+    metrics, url = endpoint
+    stats = {"steps": 4, "searches": 3, "searched_rows": 40, "pointer_rows": 20, "skipped_rows": 4,
+             "search_s": 0.25, "mix_s": 0.05}
+    metrics.watch_knn(lambda: stats)
+    first = scrape(url)
+    assert first["retroserve_knn_steps_total{}"] == 4
+    assert first["retroserve_knn_searches_total{}"] == 3
+    assert first["retroserve_knn_rows_total{how=pointer}"] == 20
+    assert first["retroserve_knn_seconds_total{phase=search}"] == pytest.approx(0.25)
+    assert first["retroserve_knn_seconds_total{phase=mix}"] == pytest.approx(0.05)
+    stats.update(steps=6, search_s=0.75)
+    assert scrape(url)["retroserve_knn_seconds_total{phase=search}"] == pytest.approx(0.75)
+
+
 def test_retriever_metrics_follow_the_same_conventions():
     from server.observability.metrics import RetrieverMetrics
 

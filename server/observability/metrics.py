@@ -99,6 +99,10 @@ class Metrics:
                                          skipped: neighbours from a search, from pointers, or none
                                          because adaptive retrieval left the row to the model)
       knn searches             Counter   retroserve_knn_searches_total   (FAISS calls, batched)
+      knn steps                Counter   retroserve_knn_steps_total  (engine steps with token-mode rows)
+      knn time                 Counter   retroserve_knn_seconds_total{phase}  (phase = search: finding
+                                         neighbours, by search or pointers | mix: values and
+                                         interpolation); per step: rate(seconds) / rate(steps)
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -320,6 +324,13 @@ class _KnnCollector:
         yield rows
         yield CounterMetricFamily(f"{PREFIX}_knn_searches", "Token datastore search calls (batched).",
                                   value=float(stats.get("searches", 0)))
+        yield CounterMetricFamily(f"{PREFIX}_knn_steps", "Engine steps that had token-mode rows.",
+                                  value=float(stats.get("steps", 0)))
+        seconds = CounterMetricFamily(f"{PREFIX}_knn_seconds", "Engine-process time spent on kNN-LM by phase.",
+                                      labels=["phase"])
+        for phase, key in (("search", "search_s"), ("mix", "mix_s")):
+            seconds.add_metric([phase], float(stats.get(key, 0.0)))
+        yield seconds
 
 
 class RetrieverMetrics:
