@@ -406,8 +406,9 @@ def run_gate(args: argparse.Namespace) -> int:
           f"constant λ {kept['constant_lambda']:.4f}, learned λ {kept['learned_lambda']:.4f}")
     for threshold in THRESHOLDS:
         skip = kept["skip"][str(threshold)]
-        print(f"  skip where λ(x) < {threshold:g}: {skip['fraction']:.1%} of searches, "
-              f"{skip['constant_lambda_elsewhere']:.4f} nats/token")
+        print(f"  skip where λ(x) < {threshold:g}: {skip['fraction']:.1%} of searches, nats/token "
+              f"{skip['learned_lambda_elsewhere']:.4f} mixing at λ(x) elsewhere (served), "
+              f"{skip['constant_lambda_elsewhere']:.4f} at the constant λ")
     return 0
 
 

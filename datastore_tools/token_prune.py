@@ -125,6 +125,7 @@ def publish_token_entries(store, output: Path, keys: np.ndarray, keep: np.ndarra
             np.save(stage / tds.COUNTS_FILE, counts.astype(np.int64))
         (stage / tds.DOCS_FILE).write_text(json.dumps(store.docs, ensure_ascii=False))
         manifest.pop("files", None)
+        manifest.pop("gate", None)  # gate.json is not copied: train one for the new datastore
         manifest.update(name=output.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                         index=info["index"], pca=info["pca"], dims=info["dims"])
         manifest["counts"] = {**manifest["counts"], "entries": int(len(keep)),

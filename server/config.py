@@ -79,6 +79,11 @@ class EngineConfig:
     """Token mode, pointer following: > 0 follows pointers only when at least pointer_min of them
     lie within this multiple of the squared distance of the k-th neighbour of the request's last
     search (pointers that drifted away from the query search instead); 0: no distance gate."""
+    knn_gate_threshold: float = 0.0
+    """Token mode, learned adaptive retrieval (retriever/knn_gate.py; train it with `retroserve
+    datastore gate`): > 0 skips the search of every token-mode step whose learned λ(x) is below
+    this, keeping the model's own distribution there, and mixes the others at λ(x) in place of the
+    request's λ (λ 0 still means the model alone); 0: off."""
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -94,6 +99,8 @@ class EngineConfig:
             raise ValueError(f"{self.knn_pointer_pool=} must be in [1, 4096]")
         if not 0 <= self.knn_pointer_radius < float("inf"):
             raise ValueError(f"{self.knn_pointer_radius=} must be >= 0 and finite (0 = no distance gate)")
+        if not 0 <= self.knn_gate_threshold < 1:
+            raise ValueError(f"{self.knn_gate_threshold=} must be in [0, 1) (0 = no learned gate)")
 
 
 @dataclass

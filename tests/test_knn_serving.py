@@ -420,6 +420,90 @@ def test_speed_techniques_inside_the_engine(knn_server, token_datastore, tmp_pat
     assert [adaptive[1][i] for i in kept] == [plain[1][i] for i in kept]
 
 
+def _heldout_files(folder: Path, count: int = 5) -> list[str]:
+    """`count` documents the test corpus does not hold: paragraphs of this repository's README."""
+    paragraphs = [p for p in (Path(__file__).resolve().parents[1] / "README.md").read_text().split("\n\n")
+                  if len(p) > 300][:count]
+    folder.mkdir()
+    for number, text in enumerate(paragraphs):
+        (folder / f"held-{number}.txt").write_text(text)
+    return [str(path) for path in sorted(folder.iterdir())]
+
+
+def test_the_gate_command_trains_on_held_out_text_and_refuses_the_datastores_own(
+        token_datastore, prepared_model_dir, corpus_dir, tmp_path, capsys):
+    from retriever.knn_gate import GATE_FILE, KnnGate
+    from retriever.token_datastore import TokenDatastore
+    from server.cli.main import main
+
+    store = tmp_path / "store"
+    shutil.copytree(token_datastore, store)
+    own = [str(path) for path in sorted(Path(corpus_dir).rglob("*")) if path.is_file()][:1]
+    assert main(["datastore", "gate", str(store), "--heldout", *own, *_heldout_files(tmp_path / "a"),
+                 "--model", str(prepared_model_dir)]) == 2
+    assert "train the gate on text it does not hold" in capsys.readouterr().err
+    assert not (store / GATE_FILE).exists()
+    assert main(["datastore", "gate", str(store), "--heldout", *_heldout_files(tmp_path / "b"),
+                 "--model", str(prepared_model_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "kept-out positions" in printed and "learned λ" in printed
+    opened = TokenDatastore.open(store)  # the manifest lists gate.json with its size and checksum
+    assert GATE_FILE in opened.manifest["files"] and opened.manifest["gate"]["file"] == GATE_FILE
+    info = KnnGate.load(store).info
+    assert info["documents"] == 5 and info["kept_out"]["positions"] > 0 and info["fitted"]["positions"] > 0
+    # On the text it was fitted on, the gate cannot do worse than the constant λ it starts near.
+    assert info["fitted"]["learned_lambda"] <= info["fitted"]["constant_lambda"] + 1e-3
+
+
+def test_a_gate_engine_skips_the_rows_its_gate_rejects_and_mixes_the_rest_at_the_gates_lambda(
+        knn_plugin_visible, knn_server, token_datastore, prepared_model_dir, tmp_path):
+    """A hand-made step gate: λ(x) = sigmoid(2) where the model's max probability is below 0.5 and
+    sigmoid(-2) (under the threshold 0.5) above it. Searched rows (captured) must equal plain kNN-LM
+    at λ sigmoid(2), the others the model alone, bit for bit, on the same prompt served by another engine."""
+    import torch
+
+    from prometheus_client import CollectorRegistry
+
+    from loopback import ServerThread, server_config
+    from retriever.knn_gate import FEATURE_NAMES, GATE_FILE
+    from server.knn.settings import KnnRequestSettings
+
+    store = tmp_path / "store"
+    shutil.copytree(token_datastore, store)
+    # hidden = tanh(1e6 (max_prob - 0.5)) = ±1 unless max_prob is within 1e-5 of 0.5; λ = sigmoid(-2 hidden).
+    gate = {"features": list(FEATURE_NAMES), "mean": [0.0] * 4, "std": [1.0] * 4,
+            "w1": [[0.0], [1e6], [0.0], [0.0]], "b1": [-5e5], "w2": [[-2.0]], "b2": [0.0], "info": {}}
+    high = float(torch.sigmoid(torch.tensor([2.0])))  # the float32 λ of the rows it keeps
+    (store / GATE_FILE).write_text(json.dumps(gate))
+    config = server_config(prepared_model_dir, tmp_path / "no-chunk-datastore")
+    config.engine.token_datastore = store
+    config.engine.knn_gate_threshold = 0.5
+    config.retrieval.mode = "none"
+    gated = ServerThread(config, with_datastore=False, registry=CollectorRegistry())
+    try:
+        ids, _, _ = _corpus_document(token_datastore, 2)
+        prompt = ids[:150]
+        alone_here = _segment(gated, prompt, "gate-alone", prompt_logprobs=True)
+        alone = _segment(knn_server, prompt, "gate-alone-ref", prompt_logprobs=True)
+        assert alone_here == alone  # the two engines compute alike: the comparison below is fair
+        capture = tmp_path / "capture"
+        got = _segment(gated, prompt, "gate-token", prompt_logprobs=True,
+                       knn=KnnRequestSettings(lam=0.3, k=16, temperature=10.0, capture_dir=str(capture)))
+        full = _segment(knn_server, prompt, "gate-high-ref", knn=KnnRequestSettings(high, 16, 10.0),
+                        prompt_logprobs=True)
+    finally:
+        gated.stop()
+    searched = set()
+    for path in capture.glob("*.npz"):
+        searched |= {int(p) for p in np.load(path)["positions"]}
+    kept = [i for i in range(1, len(prompt)) if i - 1 in searched]
+    skipped = [i for i in range(1, len(prompt)) if i - 1 not in searched]
+    print(f"gate: {len(skipped)} of {len(prompt) - 1} prompt rows skipped")
+    assert kept and skipped
+    assert [got[1][i] for i in skipped] == [alone[1][i] for i in skipped]
+    assert [got[1][i] for i in kept] == [full[1][i] for i in kept]  # mixed at λ(x), not the request's 0.3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
 def test_the_knn_model_class_runs_in_vllms_cuda_model_runner(knn_plugin_visible, prepared_model_dir, token_datastore,

@@ -263,7 +263,17 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
     )
     knn_plugin.ensure_registered_via_entry_point()
     settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp,
-                "pointer_pool": config.knn_pointer_pool, "pointer_radius": config.knn_pointer_radius}
+                "pointer_pool": config.knn_pointer_pool, "pointer_radius": config.knn_pointer_radius,
+                "gate_threshold": config.knn_gate_threshold}
+    if config.knn_gate_threshold > 0:
+        from retriever.knn_gate import KnnGate
+
+        from retriever.datastore import DatastoreError
+
+        try:
+            KnnGate.load(config.token_datastore)  # refused here, with the command to train one, not in vLLM
+        except (FileNotFoundError, ValueError) as error:
+            raise DatastoreError(f"--knn-gate-threshold {config.knn_gate_threshold}: {error}") from error
     if stats_file:
         settings["stats_file"] = stats_file
     overrides = {"architectures": [KNN_ARCHITECTURE], HF_CONFIG_KEY: json.dumps(settings)}

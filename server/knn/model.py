@@ -39,7 +39,8 @@ Speed techniques (server/knn/speed.py), per request in KnnRequestSettings:
   logits and are not searched;
 - the learned gate (engine-wide `gate_threshold` > 0; retriever/knn_gate.py, trained with
   `retroserve datastore gate`): rows whose predicted λ(x) is below the threshold keep the raw logits
-  and are not searched;
+  and are not searched, the others mix at λ(x) instead of the request's λ (a request's λ 0 still
+  means the model alone);
 - pointer following (`pointer_min`, RetoMaton): each request's `_Slot` (which moves with it in the
   persistent batch) keeps the previous position's neighbour ids; a row's observed token is the
   forward's input id at that row's token (the sampled token for decode rows, the next prompt token
@@ -347,10 +348,13 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         if (thresholds < 1.0).any():  # adaptive retrieval: confident rows keep their raw logits
             skip |= knn_speed.confident_rows(logits[torch.as_tensor(active, device=device)],
                                              torch.from_numpy(thresholds)).cpu().numpy()
+        gate_lam = None
         if self._gate is not None:  # learned gate: rows with a small predicted λ(x) keep their raw logits
-            skip |= self._gate_skips(logits, active, tokens, step)
+            gate_lam = self._gate_lambdas(logits, active, tokens, step)
+            skip |= gate_lam < self._gate_threshold
         if skip.any():
             stats.skipped_rows += int(skip.sum())
+            gate_lam = None if gate_lam is None else gate_lam[~skip]
             active = active[~skip]
             slots = [slot for slot, skipped in zip(slots, skip) if not skipped]
             if not len(active):
@@ -391,6 +395,8 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
                                                dtype=np.float32)[:, None]  # per-row T; the kernel uses T = 1
         log_counts = knn_speed.log_counts(self.datastore.counts, found.ids)
         lam = torch.tensor([slot.settings.lam for slot in slots], dtype=torch.float32)
+        if gate_lam is not None:
+            lam = torch.where(lam > 0, torch.from_numpy(gate_lam.astype(np.float32)), lam)
         active_t = torch.as_tensor(active, device=device)
         # Every row mixes (all requests in token mode, λ > 0): no gather in, no scatter out.
         every_row = len(active) == logits.shape[0] and bool((lam > 0).all())
@@ -423,8 +429,8 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         self._publish_stats()
         return out
 
-    def _gate_skips(self, logits, active, tokens, step) -> np.ndarray:
-        """Bool [len(active)]: rows whose learned λ(x) is below the engine's gate threshold."""
+    def _gate_lambdas(self, logits, active, tokens, step) -> np.ndarray:
+        """float32 [len(active)]: the learned gate's λ(x) of each row."""
         from retriever.knn_gate import features
 
         rows = torch.as_tensor(active, device=logits.device)
@@ -432,8 +438,7 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         row_tokens = tokens[active]
         positions = step.positions.cpu().numpy()[row_tokens] if step.positions is not None else row_tokens
         observed = self._input_ids.cpu().numpy()[row_tokens]
-        lam = self._gate.lam(features(log_probs, positions, observed, self._token_counts))
-        return (lam < self._gate_threshold).cpu().numpy()
+        return self._gate.lam(features(log_probs, positions, observed, self._token_counts)).cpu().numpy()
 
     def _remember_pointers(self, slots, positions, found) -> None:
         """Keep each request's neighbours of its highest position this step for the next step (the
