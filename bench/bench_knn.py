@@ -4,11 +4,14 @@ kNN-LM and each speed technique (issue 5), in one table.
 Rows: model alone; kNN-LM; adaptive retrieval (--skip-above-prob); pointer following
 (--pointer-min); both together; and, when given, a greedy-merged datastore (--merged-datastore,
 `retroserve datastore prune --mode token`) and a PCA datastore (--pca-datastore, built with
-`datastore build --mode token --pca N`), each as plain kNN-LM on its own engine. Per row: bits per
+`datastore build --mode token --pca N`) and any `--variant NAME=DIR` (e.g. the same keys under a
+fast-scan index: `datastore reduce --index IVF512,PQ288x4fs,RFlat`), each as plain kNN-LM (a variant
+also with adaptive retrieval) on its own engine. Per row: bits per
 byte on the held-out split (as `retroserve eval run --token-datastore` scores it: one request per
 document, prompt log-probs through the engine's kNN model class), the fraction of token-mode rows
 whose search was skipped (adaptive) or avoided (pointers) while scoring and while generating
-(the engine's KnnStats), and output tokens/s of greedy generation at each --concurrency (prompts:
+(the engine's KnnStats), the engine process's kNN time per engine step while generating (finding
+neighbours, by search or pointers; mixing), and output tokens/s of greedy generation at each --concurrency (prompts:
 the first --prompt-chars of held-out documents; generation may stop early at EOS, so tokens are
 counted, not assumed). Everything runs in this process through server/core/engine.py, like `eval run`.
 
@@ -40,10 +43,12 @@ log = logging.getLogger("bench_knn")
 @dataclass
 class Scenario:
     name: str
-    datastore: str  # "main", "merged" or "pca": which engine serves it
+    datastore: str  # "main", "merged", "pca" or a --variant name: which engine serves it
     mode: str  # "none" or "token"
     skip_above_prob: float = 1.0
     pointer_min: int = 0
+    gate_threshold: float = 0.0
+    """Learned gate (an engine setting: each threshold gets its own engine on the main datastore)."""
 
 
 @dataclass
@@ -62,6 +67,12 @@ class Row:
     gen_skipped_fraction: float = 0.0
     gen_pointer_fraction: float = 0.0
     eval_seconds: float = 0.0
+    search_ms_per_step: float | None = None
+    """Engine-process time finding neighbours (search or pointers) per kNN step while generating."""
+    mix_ms_per_step: float | None = None
+    """Engine-process time looking up values and interpolating per kNN step while generating."""
+    rows_per_step: float | None = None
+    """Token-mode rows per kNN step while generating (the batch a search serves)."""
 
 
 def scenarios(args) -> list[Scenario]:
@@ -77,7 +88,23 @@ def scenarios(args) -> list[Scenario]:
         out.append(Scenario(f"greedy-merged+pointers>={first}", "merged", "token", pointer_min=first))
     if args.pca_datastore:
         out.append(Scenario("PCA", "pca", "token"))
+    if args.gate_threshold:
+        out += [Scenario(f"learned gate<{t:g}", "gate", "token", gate_threshold=t) for t in args.gate_threshold]
+    for name, _ in args.variant:
+        out.append(Scenario(f"kNN-LM, {name}", name, "token"))
+        if args.skip_above_prob < 1:
+            out.append(Scenario(f"{name} + adaptive skip>{args.skip_above_prob:g}", name, "token",
+                                skip_above_prob=args.skip_above_prob))
     return out
+
+
+def variant(text: str) -> tuple[str, Path]:
+    """--variant NAME=DIR."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or name in ("main", "merged", "pca", "gate"):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=DIR with a NAME other than "
+                                         "main, merged and pca (e.g. fastscan=runs/pydocs/token-small-fs)")
+    return name, Path(path)
 
 
 def knn_settings(args, scenario: Scenario):
@@ -109,16 +136,18 @@ async def throughput(engine, prompts: list[list[int]], knn, concurrency: int, ma
     return produced / (time.perf_counter() - started)
 
 
-async def run_engine(args, datastore: Path, runs: list[Scenario], documents, model_dir: Path) -> list[Row]:
+async def run_engine(args, datastore: Path, runs: list[Scenario], documents, model_dir: Path,
+                     gate_threshold: float = 0.0) -> list[Row]:
     from server.config import EngineConfig
     from server.core.engine import Engine
     from server.evaluation.scoring import EvalSettings, Evaluator
 
     loop = asyncio.get_running_loop()
     config = EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=max(args.concurrency), token_datastore=datastore, device=args.device,
-                          knn_pointer_pool=args.knn_pointer_pool, knn_pointer_radius=args.knn_pointer_radius)
-    engine = await loop.run_in_executor(None, Engine.start, config)
+                          max_num_seqs=max(args.concurrency), token_datastore=datastore,
+                          knn_pointer_pool=args.knn_pointer_pool, knn_pointer_radius=args.knn_pointer_radius,
+                          knn_gate_threshold=gate_threshold)
+    engine = await loop.run_in_executor(None, Engine.start, config, None if args.device == "auto" else args.device)
     rows = []
     try:
         evaluator = Evaluator(engine, max_doc_chars=args.max_doc_chars, concurrency=args.eval_concurrency)
@@ -144,7 +173,13 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
                 row.tokens_per_s[concurrency] = await throughput(
                     engine, prompts[: max(args.requests, concurrency)], knn, concurrency, args.max_tokens,
                     scenario.name.replace(" ", "_"))
-            row.gen_skipped_fraction, row.gen_pointer_fraction = knn_fractions(engine.knn_stats(), before)
+            after = engine.knn_stats()
+            row.gen_skipped_fraction, row.gen_pointer_fraction = knn_fractions(after, before)
+            steps = after.get("steps", 0) - before.get("steps", 0)
+            if steps:
+                row.search_ms_per_step = 1e3 * (after["search_s"] - before.get("search_s", 0.0)) / steps
+                row.mix_ms_per_step = 1e3 * (after["mix_s"] - before.get("mix_s", 0.0)) / steps
+                row.rows_per_step = (after["rows"] - before.get("rows", 0)) / steps
             log.info("%s: %.4f bits/byte, %s tok/s", scenario.name, row.bits_per_byte,
                      {c: round(v, 1) for c, v in row.tokens_per_s.items()})
             rows.append(row)
@@ -153,15 +188,21 @@ async def run_engine(args, datastore: Path, runs: list[Scenario], documents, mod
     return rows
 
 
+def _number(value: float | None, width: int, digits: int) -> str:
+    return f"{'':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def print_table(rows: list[Row], concurrency: list[int], out=sys.stdout) -> None:
     head = (f"{'scenario':<28} {'entries':>9} {'bits/byte':>9} {'vs kNN':>7} {'eval skip':>9} {'eval ptr':>8} "
-            f"{'gen skip':>8} {'gen ptr':>7} " + " ".join(f"{f'tok/s c={c}':>11} {'x model':>7}" for c in concurrency))
+            f"{'gen skip':>8} {'gen ptr':>7} {'search ms':>9} {'mix ms':>6} {'rows':>5} " + " ".join(f"{f'tok/s c={c}':>11} {'x model':>7}" for c in concurrency))
     print(head, file=out)
     for row in rows:
         relative = "" if row.relative_to_knn is None else f"{100 * row.relative_to_knn:+.2f}%"
         line = (f"{row.scenario:<28} {row.entries:>9} {row.bits_per_byte:>9.4f} {relative:>7} "
                 f"{row.eval_skipped_fraction:>9.1%} {row.eval_pointer_fraction:>8.1%} "
-                f"{row.gen_skipped_fraction:>8.1%} {row.gen_pointer_fraction:>7.1%} ")
+                f"{row.gen_skipped_fraction:>8.1%} {row.gen_pointer_fraction:>7.1%} "
+                f"{_number(row.search_ms_per_step, 9, 1)} {_number(row.mix_ms_per_step, 6, 1)} "
+                f"{_number(row.rows_per_step, 5, 1)} ")
         line += " ".join(f"{row.tokens_per_s.get(c, float('nan')):>11.1f} {row.throughput_vs_model.get(c, float('nan')):>7.2f}"
                          for c in concurrency)
         print(line, file=out)
@@ -175,7 +216,8 @@ async def main_async(args) -> list[Row]:
     files = (args.documents.read_text().split() if args.documents else read_split(args.split)["heldout"])
     documents = heldout_documents(files, args.max_docs)
     all_runs = scenarios(args)
-    stores = {"main": args.token_datastore, "merged": args.merged_datastore, "pca": args.pca_datastore}
+    stores = {"main": args.token_datastore, "merged": args.merged_datastore, "pca": args.pca_datastore,
+              **dict(args.variant)}
     for path in filter(None, stores.values()):
         refuse_leaking_token_datastore(Path(path), documents)  # the same guard as `eval run`
     rows: list[Row] = []
@@ -183,6 +225,9 @@ async def main_async(args) -> list[Row]:
         runs = [s for s in all_runs if s.datastore == name]
         if path and runs:
             rows += await run_engine(args, Path(path), runs, documents, model_dir)
+    for scenario in (s for s in all_runs if s.datastore == "gate"):
+        rows += await run_engine(args, Path(args.token_datastore), [scenario], documents, model_dir,
+                                 gate_threshold=scenario.gate_threshold)
     knn = next(r for r in rows if r.scenario == "kNN-LM")
     model = next(r for r in rows if r.scenario == "model alone")
     for row in rows:
@@ -201,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-datastore", type=Path, required=True)
     parser.add_argument("--merged-datastore", type=Path, default=None, help="greedy-merged token datastore")
     parser.add_argument("--pca-datastore", type=Path, default=None, help="token datastore built with --pca")
+    parser.add_argument("--gate-threshold", type=float, nargs="*", default=[],
+                        help="learned-gate thresholds (the token datastore's gate.json, `retroserve datastore gate`), "
+                             "each on its own engine")
+    parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=DIR",
+                        help="another token datastore (e.g. the same keys under another index), served by its "
+                             "own engine as plain kNN-LM and with adaptive retrieval; repeatable")
     parser.add_argument("--model", type=Path, default=None, help="prepared model (default: the cache's)")
     parser.add_argument("--max-docs", type=int, default=None, help="held-out documents scored (default: all)")
     parser.add_argument("--max-doc-chars", type=int, default=4096, help="characters scored per document")
@@ -240,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, args.concurrency)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        payload = {"invocation": " ".join(["python bench/bench_knn.py", *(argv if argv is not None else sys.argv[1:])]),
+                   "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "rows": [asdict(row) for row in rows]}
-        args.output.write_text(json.dumps(payload, indent=2))
+        args.output.write_text(json.dumps(payload, indent=2, default=str))  # Paths, --variant pairs
     return 0
 
 

@@ -9,7 +9,9 @@ bits per byte) give bits per byte, the change against the model alone with its 9
 documents worse, the prose-only change and the share of tokens made less likely; `eval sweep`
 files give each datastore size with the step from the next smaller one; `bench_serving`
 files give throughput and latency ratios against their first row; `eval cloze` files give exact
-match per mode with its difference from the model alone. `--check` finds every
+match per mode with its difference from the model alone; `bench_knn` files give bits per byte,
+searches avoided, kNN time per step and throughput against the model alone per scenario;
+`bench_token_search` files give search time, recall and p_kNN distance per index. `--check` finds every
 `<!-- table: PATH -->` marker in a Markdown file and fails when the table under it differs from
 the one this script makes from PATH.
 """
@@ -71,6 +73,40 @@ def serving_table(payload: dict) -> list[str]:
     return lines
 
 
+def knn_bench_table(payload: dict) -> list[str]:
+    """bench_knn.py: one row per scenario (throughput ratios against the model alone of the first engine)."""
+    concurrency = [int(c) for c in payload["arguments"]["concurrency"]]
+    lines = ["| scenario | bits per byte | vs kNN-LM | searches skipped / avoided (scoring; generating) "
+             "| kNN ms per step: search + mix | " + " | ".join(f"tok/s c={c} | x model" for c in concurrency) + " |",
+             "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in concurrency) + " |"]
+    for row in payload["rows"]:
+        relative = "" if row.get("relative_to_knn") is None else f"{100 * row['relative_to_knn']:+.2f}%"
+        if row["scenario"] == "model alone":
+            avoided = ""
+        else:
+            avoided = (f"{row['eval_skipped_fraction']:.1%} / {row['eval_pointer_fraction']:.1%}; "
+                       f"{row['gen_skipped_fraction']:.1%} / {row['gen_pointer_fraction']:.1%}")
+        timing = ("" if row.get("search_ms_per_step") is None
+                  else f"{row['search_ms_per_step']:.1f} + {row['mix_ms_per_step']:.1f}")
+        speeds = " | ".join(f"{row['tokens_per_s'][str(c)]:.1f} | {row['throughput_vs_model'][str(c)]:.2f}"
+                            for c in concurrency)
+        lines.append(f"| {row['scenario']} | {row['bits_per_byte']:.4f} | {relative} | {avoided} | {timing} | {speeds} |")
+    return lines
+
+
+def token_search_table(payload: dict) -> list[str]:
+    """bench_token_search.py: one row per index and search setting."""
+    k = payload["arguments"]["k"]
+    lines = [f"| index | search params | ms per {payload['arguments']['batch']} queries, p50 / p90 "
+             f"| recall@{k} | p_kNN total variation, mean / p90 |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for row in payload["rows"]:
+        params = ", ".join(f"{key} {value}" for key, value in row["params"].items())
+        lines.append(f"| {row['factory']} | {params} | {row['search_ms_p50']:.1f} / {row['search_ms_p90']:.1f} "
+                     f"| {row['recall']:.3f} | {row['tv_mean']:.4f} / {row['tv_p90']:.4f} |")
+    return lines
+
+
 def table(path: Path) -> list[str]:
     try:
         return table_from_payload(json.loads(path.read_text(encoding="utf-8")))
@@ -84,12 +120,16 @@ def table_from_payload(payload: dict) -> list[str]:
         from server.evaluation.cloze import cloze_table
 
         lines = cloze_table(rows)
+    elif rows and "throughput_vs_model" in rows[0]:  # bench_knn rows carry bits per byte too
+        lines = knn_bench_table(payload)
     elif rows and "fraction" in rows[0]:
         lines = sweep_table(payload)
     elif rows and "bits_per_byte" in rows[0]:
         lines = eval_table(payload)
     elif rows and "output_tokens_per_s" in rows[0]:
         lines = serving_table(payload)
+    elif rows and "recall" in rows[0] and "tv_mean" in rows[0]:
+        lines = token_search_table(payload)
     else:
         raise ValueError("neither `eval run`/`eval sweep` nor bench_serving results (no rows with bits_per_byte "
                          "or output_tokens_per_s)")

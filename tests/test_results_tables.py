@@ -59,3 +59,28 @@ def test_a_cloze_file_gives_exact_match_per_mode_with_the_change_from_the_model_
     assert made[0] == "`retroserve eval cloze`"
     assert made[-2:] == ["| none | 200 | 25.0% [20.0, 30.0] |  |  |",
                          "| chunk | 200 | 35.0% [29.0, 41.0] | +10.0 [+6.5, +13.2] | 30 / 10 |"]
+
+
+def test_a_knn_bench_file_gives_bits_per_byte_searches_avoided_and_throughput_per_scenario():
+    rows = [{"scenario": "model alone", "bits_per_byte": 1.0, "relative_to_knn": None, "eval_skipped_fraction": 0.0,
+             "eval_pointer_fraction": 0.0, "gen_skipped_fraction": 0.0, "gen_pointer_fraction": 0.0,
+             "search_ms_per_step": None, "mix_ms_per_step": None,
+             "tokens_per_s": {"1": 10.0, "16": 60.0}, "throughput_vs_model": {"1": 1.0, "16": 1.0}},
+            {"scenario": "kNN-LM", "bits_per_byte": 0.9, "relative_to_knn": 0.0, "eval_skipped_fraction": 0.25,
+             "eval_pointer_fraction": 0.5, "gen_skipped_fraction": 0.125, "gen_pointer_fraction": 0.0,
+             "search_ms_per_step": 12.34, "mix_ms_per_step": 2.0,
+             "tokens_per_s": {"1": 9.0, "16": 45.0}, "throughput_vs_model": {"1": 0.9, "16": 0.75}}]
+    made = results_tables.table_from_payload({"invocation": "python bench/bench_knn.py",
+                                              "arguments": {"concurrency": [1, 16]}, "rows": rows})
+    assert made[0] == "`python bench/bench_knn.py`"
+    assert made[-2:] == ["| model alone | 1.0000 |  |  |  | 10.0 | 1.00 | 60.0 | 1.00 |",
+                         "| kNN-LM | 0.9000 | +0.00% | 25.0% / 50.0%; 12.5% / 0.0% | 12.3 + 2.0 | 9.0 | 0.90 | 45.0 | 0.75 |"]
+
+
+def test_a_token_search_file_gives_time_recall_and_distribution_distance_per_index():
+    rows = [{"factory": "IVF8,Flat", "params": {"nprobe": 2}, "search_ms_p50": 1.234, "search_ms_p90": 2.0,
+             "recall": 0.9876, "tv_mean": 0.01234, "tv_p90": 0.05}]
+    made = results_tables.table_from_payload({"arguments": {"k": 64, "batch": 16}, "rows": rows})
+    assert made == ["| index | search params | ms per 16 queries, p50 / p90 | recall@64 | p_kNN total variation, mean / p90 |",
+                    "| --- | --- | ---: | ---: | ---: |",
+                    "| IVF8,Flat | nprobe 2 | 1.2 / 2.0 | 0.988 | 0.0123 / 0.0500 |"]
