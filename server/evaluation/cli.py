@@ -105,7 +105,8 @@ def _engine_config(model_dir: Path, args, token_datastore: Path | None = None):
     return EngineConfig(model_dir=model_dir, max_model_len=args.max_model_len, kv_cache_gib=2.0, max_num_seqs=32,
                         token_datastore=token_datastore,
                         knn_pointer_pool=getattr(args, "knn_pointer_pool", DEFAULT_KNN_POINTER_POOL),
-                        knn_pointer_radius=getattr(args, "knn_pointer_radius", DEFAULT_KNN_POINTER_RADIUS))
+                        knn_pointer_radius=getattr(args, "knn_pointer_radius", DEFAULT_KNN_POINTER_RADIUS),
+                        knn_gate_threshold=getattr(args, "knn_gate_threshold", 0.0))
 
 
 def open_retrieval(datastore_dir: Path, model_dir: Path):
@@ -630,7 +631,7 @@ def add_eval_commands(groups):
         "run", help="score held-out documents alone and with retrieval (settings grid)",
         description="Scores held-out documents alone and with each setting of the grid. Every retrieval row "
                     "reports its relative change in bits per byte against the model alone and against the "
-                    "first retrieval row, each with a 95%% interval from a paired bootstrap over documents "
+                    "first retrieval row, each with a 95% interval from a paired bootstrap over documents "
                     "(10,000 resamples, seed 0) and the number of documents that got worse; results.json "
                     "holds the per-document scores they come from (vs_alone, vs_first).")
     run.add_argument("--split", type=Path, default=None)
@@ -654,6 +655,9 @@ def add_eval_commands(groups):
     run.add_argument("--knn-pointer-radius", type=float, default=DEFAULT_KNN_POINTER_RADIUS,
                      help="engine setting: follow pointers only within this multiple of the last search's "
                           "k-th squared distance (0: no gate)")
+    run.add_argument("--knn-gate-threshold", type=float, default=0.0,
+                     help="engine setting: skip the search where the token datastore's learned gate "
+                          "(`retroserve datastore gate`) predicts λ(x) below this (0: off)")
     add_scoring_arguments(run)
     run.set_defaults(func=handles_errors(run_run))
 
@@ -663,7 +667,7 @@ def add_eval_commands(groups):
                     "constant or option in inline markup that the text has not named yet) and asks a running "
                     "server to continue each greedily in every --modes mode. An item counts when the name is "
                     "among the first --words words generated. Accuracy and each mode's difference from the "
-                    "model alone come with 95%% intervals from a paired bootstrap over documents (10,000 "
+                    "model alone come with 95% intervals from a paired bootstrap over documents (10,000 "
                     "resamples, seed 0); results.json holds every item's outputs.")
     cloze.add_argument("--address", default="127.0.0.1:50051", help="the server (`retroserve serve`)")
     cloze.add_argument("--split", type=Path, default=None, help="score the split's held-out files")
