@@ -136,8 +136,7 @@ def cpu_main(args) -> None:
               "interpolation_cpu": bench_interpolation_cpu(args.batches, args.ks)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print("
-kNN-LM interpolation on one CPU thread, V=49152, bf16 logits (ms, median)")
+    print("\nkNN-LM interpolation on one CPU thread, V=49152, bf16 logits (ms, median)")
     print(f"{'B':>4} {'K':>5} {'dense ref':>10} {'sparse':>8} {'log_softmax':>12} {'speedup':>8} {'max|diff|':>10}")
     for r in result["interpolation_cpu"]:
         print(f"{r['B']:>4} {r['K']:>5} {r['reference_ms']:>10.2f} {r['sparse_ms']:>8.2f} {r['log_softmax_ms']:>12.2f} "
