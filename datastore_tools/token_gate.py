@@ -23,6 +23,7 @@ import numpy as np
 
 from datastore_tools.errors import DatastoreToolError
 from datastore_tools.manifest import write_manifest
+from retriever import format as fmt
 from retriever import knn_gate
 from retriever import token_datastore as tds
 
@@ -127,9 +128,7 @@ def train_gate(datastore: str | Path, heldout: list[str], *, model_dir: Path, ma
     store = tds.TokenDatastore.open(path, device="cpu")
     documents, _ = read_documents(heldout)
     documents = [d for d in documents if d.text.strip()]
-    inside = {os.path.realpath(d["source"]) if os.path.exists(d["source"]) else d["source"] for d in store.docs}
-    leaked = [d.source for d in documents if (os.path.realpath(d.source) if os.path.exists(d.source)
-                                               else d.source) in inside]
+    leaked = fmt.shared_sources(store.docs, [d.source for d in documents])
     if leaked:
         raise DatastoreToolError(f"{len(leaked)} of the --heldout documents are in the token datastore "
                                  f"({', '.join(leaked[:3])}); train the gate on text it does not hold "

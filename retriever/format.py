@@ -7,9 +7,10 @@ sides cannot drift apart; the writer depends on the reader, never the other way 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,6 +24,18 @@ CHUNKS_DB = b"chunks"
 DOCS_DB = b"docs"
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
+
+
+def source_key(source: str) -> str:
+    """Sources compare by real path when they name files, so the leakage guards see through
+    relative and absolute spellings of one file."""
+    return os.path.realpath(source) if os.path.exists(source) else source
+
+
+def shared_sources(stored: Iterable[dict], sources: Iterable[str]) -> list[str]:
+    """The `sources` that name one of the `stored` documents (docs.json entries), by source_key."""
+    inside = {source_key(doc["source"]) for doc in stored}
+    return [source for source in sources if source_key(source) in inside]
 
 
 def encode_key(value: int) -> bytes:

@@ -366,16 +366,15 @@ def refuse_leaking_token_datastore(token_datastore: Path, documents) -> None:
     """Token mode cannot drop neighbours per document inside the engine (chunk mode's leakage guard
     does, server/evaluation/scoring.py), so a token datastore built from a scored document is refused:
     its entries would predict that document's own next tokens."""
+    from retriever.format import shared_sources
     from retriever.token_datastore import DOCS_FILE
-    from server.evaluation.scoring import source_key
 
     try:
         stored = json.loads((token_datastore / DOCS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise EvalError(f"{token_datastore} is not a readable token datastore ({error}); "
                         "build one with `retroserve datastore build --mode token`") from error
-    inside = {source_key(doc["source"]) for doc in stored}
-    leaked = [d.source for d in documents if source_key(d.source) in inside]
+    leaked = shared_sources(stored, [d.source for d in documents])
     if leaked:
         shown = ", ".join(leaked[:3]) + (f" and {len(leaked) - 3} more" if len(leaked) > 3 else "")
         raise EvalError(f"the token datastore {token_datastore} was built from {len(leaked)} of the scored "

@@ -23,7 +23,7 @@ import grpc
 from tqdm import tqdm
 
 from server.config import CHUNK_MODES
-from server.evaluation.scoring import source_key
+from retriever.format import source_key
 
 INLINE_NAME = re.compile(r"(?::[a-z]+(?::[a-z]+)?:`(?P<role>[^`]+)`|``(?P<literal>[^`]+)``)")
 """A role's target (:func:`x`, :c:func:`x`) or an inline literal (``x``) in reStructuredText."""

@@ -27,7 +27,6 @@ import asyncio
 import bisect
 import dataclasses
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from artefacts.tokenizer import document_start_ids
+from retriever.format import source_key
 from retriever.sparse import AUTO_SPARSE
 from server.core import context
 from server.config import CHUNK_MODES, DEFAULT_KEEP_RANK_MARGIN, DEFAULT_LAYOUT, DEFAULT_NEIGHBOUR_TOKENS, KNN_MODES
@@ -50,11 +50,6 @@ or a "**Source code:**" line."""
 OVERLAP_NGRAM = 13
 """Token n-gram length of the overlap measure (the contamination n-gram of GPT-3's analysis)."""
 
-
-def source_key(source: str) -> str:
-    """Sources compare by real path when they name files, so the leakage guard sees through
-    relative and absolute spellings of one file."""
-    return os.path.realpath(source) if os.path.exists(source) else source
 
 
 @dataclass(frozen=True)
