@@ -390,13 +390,8 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
 @handles_errors
 def run_gate(args: argparse.Namespace) -> int:
     from datastore_tools.token_gate import THRESHOLDS, train_gate
-    from retriever.datastore import read_manifest
 
-    if read_manifest(args.datastore).get("mode", "chunk") != "token":
-        from datastore_tools.errors import DatastoreToolError
-
-        raise DatastoreToolError(f"{args.datastore} is a chunk datastore; the gate decides kNN-LM searches, so it "
-                                 "needs a token datastore (`retroserve datastore build --mode token`)")
+    # train_gate opens the datastore as a TokenDatastore, which refuses a chunk datastore with the fix.
     info = train_gate(args.datastore, args.heldout, model_dir=args.model or _default_model_dir(),
                       max_doc_chars=args.max_doc_chars, k=args.knn_k, temperature=args.knn_temperature,
                       constant_lam=args.knn_lambda, seed=args.seed)

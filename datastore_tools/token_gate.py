@@ -104,13 +104,14 @@ def report(gate: knn_gate.KnnGate, feats, lp_lm, lp_knn, constant_lam: float) ->
     import torch
 
     lam = gate.lam(feats).double()
+    clamped = lam.clamp(1e-6, knn_gate.MAX_LAMBDA)
     out = {"positions": int(len(lp_lm)), "model_alone": float(-lp_lm.mean()),
            "constant_lambda": float(_loss(constant_lam, lp_lm, lp_knn)),
-           "learned_lambda": float(_loss(lam.clamp(1e-6, 1 - 1e-6), lp_lm, lp_knn)), "skip": {}}
+           "learned_lambda": float(_loss(clamped, lp_lm, lp_knn)), "skip": {}}
     for threshold in THRESHOLDS:
         skip = lam < threshold
         mixed = torch.where(skip, torch.zeros_like(lam), torch.full_like(lam, constant_lam))
-        learned = torch.where(skip, torch.zeros_like(lam), lam.clamp(1e-6, 1 - 1e-6))
+        learned = torch.where(skip, torch.zeros_like(lam), clamped)
         out["skip"][str(threshold)] = {"fraction": float(skip.double().mean()),
                                        "constant_lambda_elsewhere": float(_loss(mixed, lp_lm, lp_knn)),
                                        "learned_lambda_elsewhere": float(_loss(learned, lp_lm, lp_knn))}

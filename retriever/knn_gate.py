@@ -43,7 +43,7 @@ def features(log_probs: torch.Tensor, positions: np.ndarray, tokens: np.ndarray,
     extra = np.stack([np.log1p(np.asarray(positions, dtype=np.float64)),
                       np.log1p(counts[tokens].astype(np.float64))], axis=1)
     return torch.cat([entropy[:, None], max_prob[:, None],
-                      torch.from_numpy(extra).to(dtype=torch.float32, device=log_probs.device)], dim=1).float()
+                      torch.from_numpy(extra).to(dtype=torch.float32, device=log_probs.device)], dim=1)
 
 
 @dataclass

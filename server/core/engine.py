@@ -266,9 +266,8 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
                 "pointer_pool": config.knn_pointer_pool, "pointer_radius": config.knn_pointer_radius,
                 "gate_threshold": config.knn_gate_threshold}
     if config.knn_gate_threshold > 0:
-        from retriever.knn_gate import KnnGate
-
         from retriever.datastore import DatastoreError
+        from retriever.knn_gate import KnnGate
 
         try:
             KnnGate.load(config.token_datastore)  # refused here, with the command to train one, not in vLLM

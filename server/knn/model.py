@@ -343,15 +343,7 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         stats.rows += len(active)
         device = logits.device
         slots = [step.slots[request_of_row[row]] for row in active]
-        thresholds = np.array([slot.settings.skip_above_prob for slot in slots], dtype=np.float32)
-        skip = np.zeros(len(active), dtype=bool)
-        if (thresholds < 1.0).any():  # adaptive retrieval: confident rows keep their raw logits
-            skip |= knn_speed.confident_rows(logits[torch.as_tensor(active, device=device)],
-                                             torch.from_numpy(thresholds)).cpu().numpy()
-        gate_lam = None
-        if self._gate is not None:  # learned gate: rows with a small predicted λ(x) keep their raw logits
-            gate_lam = self._gate_lambdas(logits, active, tokens, step)
-            skip |= gate_lam < self._gate_threshold
+        skip, gate_lam = self._rows_to_skip(logits, active, slots, tokens, step)
         if skip.any():
             stats.skipped_rows += int(skip.sum())
             gate_lam = None if gate_lam is None else gate_lam[~skip]
@@ -428,6 +420,21 @@ class KnnLlamaForCausalLM(LlamaForCausalLM):
         stats.mix_s += time.perf_counter() - searched
         self._publish_stats()
         return out
+
+    def _rows_to_skip(self, logits, active, slots, tokens, step) -> tuple[np.ndarray, np.ndarray | None]:
+        """(bool [len(active)]: rows that keep their raw logits and are not searched, the learned
+        gate's λ(x) per row or None): adaptive retrieval skips confident rows, the gate rows whose
+        λ(x) is under the engine's threshold."""
+        thresholds = np.array([slot.settings.skip_above_prob for slot in slots], dtype=np.float32)
+        skip = np.zeros(len(active), dtype=bool)
+        if (thresholds < 1.0).any():
+            skip |= knn_speed.confident_rows(logits[torch.as_tensor(active, device=logits.device)],
+                                             torch.from_numpy(thresholds)).cpu().numpy()
+        gate_lam = None
+        if self._gate is not None:
+            gate_lam = self._gate_lambdas(logits, active, tokens, step)
+            skip |= gate_lam < self._gate_threshold
+        return skip, gate_lam
 
     def _gate_lambdas(self, logits, active, tokens, step) -> np.ndarray:
         """float32 [len(active)]: the learned gate's λ(x) of each row."""
