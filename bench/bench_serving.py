@@ -60,6 +60,11 @@ SCENARIOS = {
     "chunk-stride16-keep2": dict(mode="chunk", stride=16, keep_rank_margin=2),
     "chunk-stride16-keep6": dict(mode="chunk", stride=16, keep_rank_margin=6),
     "chunk-stride16-keep14": dict(mode="chunk", stride=16, keep_rank_margin=14),
+    # No retrieval, but each prompt is longer by about what one neighbour block adds at the defaults
+    # (2 x 96 tokens + separators ~ 800 characters of this text): the cost of computing neighbours as
+    # prompt tokens once per request, i.e. what retrieve-once RAG pays and the floor of chunk-stride64
+    # (one retrieval per 64-token reply) for any layout that does not reuse neighbour KV.
+    "none-longer-prompt": dict(mode="none", extra_prompt_chars=800),
 }
 
 
@@ -91,6 +96,7 @@ class Row:
     prefix_cache_hit_rate: float
     computed_prompt_per_generated: float
     """Engine prompt tokens computed (not from the prefix cache) per generated token."""
+    computed_prompt_per_request: float
     continued_fraction: float
     """Of the retrievals after each request's first, those that returned the chunks already in the
     context (the segment continued it)."""
@@ -148,7 +154,8 @@ async def one_request(stub, prompt: str, options: dict, max_new_tokens: int) -> 
 
 async def run_scenario(address: str, name: str, options: dict, concurrency: int, per_stream: int,
                        max_new_tokens: int, prompt_chars: int, first_prompt: int) -> Row:
-    texts = prompts(concurrency * per_stream, prompt_chars, first_prompt)
+    options = dict(options)
+    texts = prompts(concurrency * per_stream, prompt_chars + options.pop("extra_prompt_chars", 0), first_prompt)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.RetroserveStub(channel)
 
@@ -179,6 +186,7 @@ async def run_scenario(address: str, name: str, options: dict, concurrency: int,
         retrieval_ms_per_request=statistics.mean(o.retrieval_ms for o in outcomes),
         prefix_cache_hit_rate=sum(o.cached_prompt_tokens for o in outcomes) / engine_tokens if engine_tokens else 0.0,
         computed_prompt_per_generated=computed / max(1, sum(o.tokens for o in outcomes)),
+        computed_prompt_per_request=computed / len(outcomes),
         continued_fraction=sum(o.continued_segments for o in outcomes) / later_retrievals if later_retrievals else 0.0,
         wall_s=wall,
     )
@@ -211,7 +219,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--scenarios", nargs="+",
-                        default=[name for name in SCENARIOS if not name.endswith("-k1") and "-keep" not in name],
+                        default=[name for name in SCENARIOS
+                                 if not name.endswith("-k1") and "-keep" not in name and name != "none-longer-prompt"],
                         choices=list(SCENARIOS))
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
