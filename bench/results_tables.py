@@ -50,12 +50,15 @@ def eval_table(payload: dict) -> list[str]:
 
 
 def sweep_table(payload: dict) -> list[str]:
-    """`eval sweep`: one row per datastore size, with the step from the next smaller one."""
-    lines = ["| datastore | chunks | scored tokens | bits per byte | change vs alone [95%] | documents worse "
-             "| vs next smaller [95%] | documents worse |",
+    """`eval sweep`: one row per datastore size, with the step from the next smaller one (a token-mode
+    sweep counts entries of nested document subsets, a chunk-mode sweep chunks of nested file subsets)."""
+    token = any(row["settings"]["mode"] == "token" for row in payload["rows"])
+    lines = [f"| datastore | {'entries' if token else 'chunks'} | scored tokens | bits per byte | change vs alone [95%] "
+             "| documents worse | vs next smaller [95%] | documents worse |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in sorted(payload["rows"], key=lambda r: r["fraction"]):
-        lines.append(f"| {row['fraction']:.0%} of the files | {row['datastore']['entries']:,} | {row['tokens']:,} "
+        what = f"of the documents ({row['datastore']['documents']})" if token else "of the files"
+        lines.append(f"| {row['fraction']:.0%} {what} | {row['datastore']['entries']:,} | {row['tokens']:,} "
                      f"| {row['bits_per_byte']:.4f} | {_interval(row.get('vs_alone'))} | {_worse(row.get('vs_alone'))} "
                      f"| {_interval(row.get('vs_smaller'))} | {_worse(row.get('vs_smaller'))} |")
     return lines

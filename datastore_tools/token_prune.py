@@ -1,4 +1,5 @@
-"""`datastore prune --mode token`: greedy-merge pruning of a token (kNN-LM) datastore.
+"""Token (kNN-LM) datastores derived from another: greedy-merge pruning (`datastore prune --mode
+token`), re-indexing (`datastore reduce`) and nested document subsets (`eval sweep --token-datastore`).
 
 Efficient kNN-LM (He et al. 2021): entries are visited in id order; each entry not yet merged
 absorbs those of its k nearest entries that come after it, are not yet merged and share its next
@@ -109,9 +110,11 @@ def neighbour_lists(index, keys: np.ndarray, k: int, batch: int = 4096) -> np.nd
 
 def publish_token_entries(store, output: Path, keys: np.ndarray, keep: np.ndarray, *, factory: str,
                           pca: int | None, counts: np.ndarray | None, next_ids: np.ndarray, force: bool,
-                          seconds: dict, note: dict) -> dict:
+                          seconds: dict, note: dict, docs: list | None = None) -> dict:
     """Publish entries `keep` of `store` (keys re-indexed with `factory`/`pca`) as a new token datastore;
-    `next_ids` are already in the new numbering; `note` is merged into the manifest (what was done)."""
+    `next_ids` are already in the new numbering; `note` is merged into the manifest (what was done);
+    `docs`: the documents list to write (default: the source's; entries keep their document ids)."""
+    docs = store.docs if docs is None else docs
     manifest = json.loads(json.dumps(store.manifest))
     built, info = index_factory.build_index(keys[keep], factory, pca, search_params=manifest["index"].get("search_params"),
                                            metric="l2")
@@ -123,12 +126,12 @@ def publish_token_entries(store, output: Path, keys: np.ndarray, keep: np.ndarra
         np.save(stage / tds.DOC_IDS_FILE, np.asarray(store.doc_ids[keep], dtype=np.int32))
         if counts is not None:
             np.save(stage / tds.COUNTS_FILE, counts.astype(np.int64))
-        (stage / tds.DOCS_FILE).write_text(json.dumps(store.docs, ensure_ascii=False))
+        (stage / tds.DOCS_FILE).write_text(json.dumps(docs, ensure_ascii=False))
         manifest.pop("files", None)
         manifest.pop("gate", None)  # gate.json is not copied: train one for the new datastore
         manifest.update(name=output.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                         index=info["index"], pca=info["pca"], dims=info["dims"])
-        manifest["counts"] = {**manifest["counts"], "entries": int(len(keep)),
+        manifest["counts"] = {**manifest["counts"], "entries": int(len(keep)), "documents": len(docs),
                               "original_entries": int(counts.sum()) if counts is not None else int(len(keep))}
         for key, value in note.items():
             manifest[key] = {**value, "seconds": seconds}
@@ -172,4 +175,31 @@ def prune_token_datastore(source: str | Path, output: str | Path, *, k: int = 8,
                         "entries_before": int(store.ntotal), "entries_after": int(len(plan.keep)),
                         "keys": keys_from}})
     log.info("greedy merge %s -> %s: %d -> %d entries", source, output, store.ntotal, len(plan.keep))
+    return manifest
+
+
+def subset_token_datastore(source: str | Path, output: str | Path, documents: int, *, index: str | None = None,
+                           force: bool = False) -> dict:
+    """The entries of `source`'s first `documents` documents (in its document order) as a new token
+    datastore, keys read back from the source index (no hidden states recomputed): the nested
+    datastores of `retroserve eval sweep --token-datastore`. Pointers stay within a document, so
+    every kept entry keeps its successor (renumbered)."""
+    output = Path(output)
+    store = tds.TokenDatastore.open(source, device="cpu")
+    if not 1 <= documents <= len(store.docs):
+        raise DatastoreToolError(f"{source} has {len(store.docs)} documents; a subset of {documents} is not possible")
+    keys, keys_from = read_keys(store.index)
+    keep = np.flatnonzero(np.asarray(store.doc_ids) < documents)
+    new_id = np.full(store.ntotal, -1, dtype=np.int64)
+    new_id[keep] = np.arange(len(keep))
+    following = np.asarray(store.next_ids, dtype=np.int64)[keep]
+    next_ids = np.where(following >= 0, new_id[np.clip(following, 0, None)], -1)
+    manifest = publish_token_entries(
+        store, output, keys, keep, factory=index or store.manifest["index"]["factory"],
+        pca=(store.manifest.get("pca") or {}).get("dim"),
+        counts=None if store.counts is None else np.asarray(store.counts)[keep], next_ids=next_ids, force=force,
+        seconds={}, docs=list(store.docs[:documents]),
+        note={"subset": {"source": str(source), "documents": documents, "keys": keys_from}})
+    log.info("token subset %s -> %s: %d of %d documents, %d entries", source, output, documents, len(store.docs),
+             len(keep))
     return manifest

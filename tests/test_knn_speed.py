@@ -239,22 +239,24 @@ def test_remapped_pointers_lead_to_the_successors_representative():
             assert plan.keep[new_next[new]] == plan.representative[next_ids[old]]
 
 
-def _write_token_datastore(path: Path, keys, values, next_ids, factory="Flat"):
+def _write_token_datastore(path: Path, keys, values, next_ids, factory="Flat", doc_ids=None):
     index = faiss.index_factory(keys.shape[1], factory, faiss.METRIC_L2)
     index.train(keys)
     index.add(keys)
+    doc_ids = np.zeros(len(keys), dtype=np.int32) if doc_ids is None else np.asarray(doc_ids, dtype=np.int32)
     path.mkdir(parents=True)
     faiss.write_index(index, str(path / fmt.INDEX_FILE))
     np.save(path / tds.VALUES_FILE, np.asarray(values, dtype=np.int32))
     np.save(path / tds.NEXT_FILE, np.asarray(next_ids, dtype=np.int64))
-    np.save(path / tds.DOC_IDS_FILE, np.zeros(len(keys), dtype=np.int32))
-    (path / tds.DOCS_FILE).write_text(json.dumps([{"source": "synthetic", "title": "synthetic"}]))
+    np.save(path / tds.DOC_IDS_FILE, doc_ids)
+    (path / tds.DOCS_FILE).write_text(json.dumps([{"source": f"synthetic-{d}", "title": "synthetic"}
+                                                  for d in range(int(doc_ids.max()) + 1)]))
     write_manifest(path, {
         "schema_version": fmt.SCHEMA_VERSION, "mode": tds.MODE, "name": path.name,
         "tokenizer": {"fingerprint": "t"}, "model": {"fingerprint": "m"},
         "dims": {"embedding": keys.shape[1], "index": keys.shape[1]}, "pca": None,
         "index": {"factory": factory, "metric": "l2", "search_params": {}},
-        "counts": {"documents": 1, "entries": len(keys)},
+        "counts": {"documents": int(doc_ids.max()) + 1, "entries": len(keys)},
     })
 
 
@@ -277,6 +279,48 @@ def test_prune_tool_publishes_a_merged_datastore_with_counts(tmp_path):
     # Merging again only merges further; counts still sum to the original entries.
     assert main(["datastore", "prune", str(tmp_path / "merged"), str(tmp_path / "again")]) == 0
     assert TokenDatastore.open(tmp_path / "again").counts.sum() == len(values)
+
+
+def test_subset_keeps_the_first_documents_entries_with_their_keys_and_renumbered_pointers(tmp_path):
+    """The nested datastores of `eval sweep --token-datastore`: the first N documents' entries, the
+    source's own keys (read back exactly from IVF-Flat), values, and pointers renumbered so each
+    kept entry still points to the entry that follows it in its document."""
+    from datastore_tools.errors import DatastoreToolError
+    from datastore_tools.token_prune import subset_token_datastore
+
+    keys, values, _ = _merge_input(seed=7, n=300)
+    doc_ids = np.repeat([0, 1, 2], [90, 130, 80])
+    next_ids = np.arange(1, len(values) + 1)
+    next_ids[np.cumsum([90, 130, 80]) - 1] = -1  # each document's last position has no successor
+    _write_token_datastore(tmp_path / "src", keys, values, next_ids, factory="IVF4,Flat", doc_ids=doc_ids)
+    subset_token_datastore(tmp_path / "src", tmp_path / "two", 2)
+    two = TokenDatastore.open(tmp_path / "two")
+    assert two.ntotal == 220 and two.manifest["counts"] == {"documents": 2, "entries": 220, "original_entries": 220}
+    assert [d["source"] for d in two.docs] == ["synthetic-0", "synthetic-1"]
+    np.testing.assert_array_equal(two.index.reconstruct_n(0, 220), keys[:220])
+    np.testing.assert_array_equal(two.values, values[:220])
+    np.testing.assert_array_equal(two.doc_ids, doc_ids[:220])
+    np.testing.assert_array_equal(two.next_ids, next_ids[:220])  # the first documents keep their numbering
+    found = two.search(keys[:20], 3)
+    np.testing.assert_array_equal(found.ids, faiss.knn(keys[:20], keys[:220], 3)[1])
+
+    # A later document's pointers are renumbered with it: keep documents 0 and 1 of a reordered
+    # source whose document 1 comes first in id order.
+    order = np.concatenate([np.arange(90, 220), np.arange(0, 90), np.arange(220, 300)])
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    moved_next = np.where(next_ids[order] >= 0, position[np.clip(next_ids[order], 0, None)], -1)
+    _write_token_datastore(tmp_path / "moved", keys[order], values[order], moved_next, doc_ids=doc_ids[order])
+    subset_token_datastore(tmp_path / "moved", tmp_path / "moved-two", 2)
+    moved = TokenDatastore.open(tmp_path / "moved-two")
+    kept = order[:220]
+    for new, old in enumerate(kept):
+        expected = -1 if next_ids[old] < 0 else int(np.flatnonzero(kept == next_ids[old])[0])
+        assert moved.next_ids[new] == expected
+    for documents in (0, 4):
+        with pytest.raises(DatastoreToolError, match="3 documents"):
+            subset_token_datastore(tmp_path / "src", tmp_path / f"bad-{documents}", documents)
+    assert not (tmp_path / "bad-0").exists()
 
 
 def test_reduce_tool_reindexes_token_keys_with_pca_and_keeps_every_entry(tmp_path):

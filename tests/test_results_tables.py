@@ -39,16 +39,27 @@ def test_an_unknown_results_file_is_refused(tmp_path):
 
 def test_a_sweep_gives_one_row_per_size_with_the_step_from_the_next_smaller():
     step = {"change": -0.03, "low": -0.06, "high": -0.01, "documents": 12, "documents_worse": 3}
-    rows = [{"fraction": 1.0, "datastore": {"entries": 40000}, "tokens": 3000, "bits_per_byte": 1.05,
+    rows = [{"fraction": 1.0, "settings": {"mode": "chunk"}, "datastore": {"entries": 40000}, "tokens": 3000,
+             "bits_per_byte": 1.05,
              "vs_alone": {"change": -0.1, "low": -0.15, "high": -0.05, "documents": 12, "documents_worse": 0},
              "vs_smaller": step},
-            {"fraction": 0.1, "datastore": {"entries": 4000}, "tokens": 3000, "bits_per_byte": 1.08,
+            {"fraction": 0.1, "settings": {"mode": "chunk"}, "datastore": {"entries": 4000}, "tokens": 3000,
+             "bits_per_byte": 1.08,
              "vs_alone": {"change": -0.07, "low": -0.1, "high": -0.04, "documents": 12, "documents_worse": 0}}]
     made = results_tables.table_from_payload({"rows": rows})
+    assert made[:2] == ["| datastore | chunks | scored tokens | bits per byte | change vs alone [95%] | documents worse "
+                        "| vs next smaller [95%] | documents worse |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     assert made[2:] == [
         "| 10% of the files | 4,000 | 3,000 | 1.0800 | -7.0% [-10.0, -4.0] | 0 of 12 |  |  |",
         "| 100% of the files | 40,000 | 3,000 | 1.0500 | -10.0% [-15.0, -5.0] | 0 of 12 | -3.0% [-6.0, -1.0] | 3 of 12 |",
     ]
+    # A token-mode sweep (`eval sweep --token-datastore`) cuts documents of a token datastore: entries.
+    for row, documents in zip(rows, (16, 2)):
+        row["settings"]["mode"] = "token"
+        row["datastore"]["documents"] = documents
+    made = results_tables.table_from_payload({"rows": rows})
+    assert made[0].startswith("| datastore | entries |")
+    assert made[2].startswith("| 10% of the documents (2) | 4,000 |")
 
 
 def test_a_cloze_file_gives_exact_match_per_mode_with_the_change_from_the_model_alone():

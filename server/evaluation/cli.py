@@ -437,18 +437,53 @@ async def run_async(args, engine=None) -> dict:
     return payload
 
 
+async def token_sweep(args, model_dir: Path, documents) -> tuple[list[dict], list[dict]]:
+    """`eval sweep --token-datastore`: token mode at its defaults on nested datastores of the first
+    fractions of that datastore's documents, cut from it with its stored keys (computing hidden
+    states for the whole corpus takes hours on a small CPU; cutting takes seconds). Each size is
+    served by an engine of its own (the token datastore is part of the engine)."""
+    from datastore_tools.token_prune import subset_token_datastore
+    from retriever.token_datastore import DOCS_FILE
+    from server.evaluation.scoring import EvalSettings
+
+    source = Path(args.token_datastore)
+    refuse_leaking_token_datastore(source, documents)
+    total = len(json.loads((source / DOCS_FILE).read_text(encoding="utf-8")))
+    loop = asyncio.get_running_loop()
+    rows, references = [], []
+    for fraction in sorted(args.fractions):
+        count = max(1, round(total * fraction))
+        datastore_dir = args.output_dir / "token-datastores" / f"fraction-{fraction:g}"
+        if not (datastore_dir / "manifest.json").is_file():
+            await loop.run_in_executor(None, functools.partial(
+                subset_token_datastore, source, datastore_dir, count, index=args.index))
+        entries = json.loads((datastore_dir / "manifest.json").read_text())["counts"]["entries"]
+        grid = ([] if references else [EvalSettings(mode="none")]) + [EvalSettings(mode="token")]
+        scored = await with_engine(model_dir, args, None, lambda e: score_grid(e, documents, grid, None, args),
+                                   token_datastore=datastore_dir)
+        for row in scored:
+            if row["settings"]["mode"] == "none":
+                references.append(row)
+                continue
+            row.update(fraction=fraction, datastore={"path": str(datastore_dir), "entries": entries,
+                                                     "documents": count, "index": args.index})
+            rows.append(row)
+    return rows, references
+
+
 async def sweep_async(args, engine=None) -> dict:
-    """`eval sweep`: nested datastores from growing fractions of the split's datastore files."""
+    """`eval sweep`: nested datastores from growing fractions of the split's datastore files (or,
+    with --token-datastore, of that token datastore's documents)."""
     from datastore_tools.build import BuildConfig, build_datastore
     from datastore_tools.derive import subset_by_sources
 
     model_dir = Path(engine.config.model_dir) if engine is not None else model_dir_from_args(args)
     split = read_split(args.split)
     documents = heldout_documents(split["heldout"], args.max_docs, args.windows, args.max_doc_chars)
-    grid = settings_grid(args)
     loop = asyncio.get_running_loop()
 
     async def sweep(engine) -> tuple[list[dict], list[dict]]:
+        grid = settings_grid(args)
         rows, references, datastores = [], [], []
         # The largest datastore is built (embedded) once; the smaller ones are nested subsets of its
         # files, cut from it with their stored embeddings instead of embedding the text again.
@@ -477,7 +512,10 @@ async def sweep_async(args, engine=None) -> dict:
                     rows.append(row)
         return rows, references
 
-    rows, references = await with_engine(model_dir, args, engine, sweep)
+    if args.token_datastore:
+        rows, references = await token_sweep(args, model_dir, documents)
+    else:
+        rows, references = await with_engine(model_dir, args, engine, sweep)
     payload = {"command": "sweep", "invocation": invocation(), "machine": machine_description(),
                "documents": [d.source for d in documents], "references": references,
                "rows": rows, "max_doc_chars": args.max_doc_chars, "failed_references": []}
@@ -689,6 +727,9 @@ def add_eval_commands(groups):
     sweep.add_argument("--split", type=Path, required=True)
     sweep.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     sweep.add_argument("--index", default="Flat", help="FAISS factory string of the sweep's datastores")
+    sweep.add_argument("--token-datastore", type=Path, default=None,
+                       help="sweep token mode (kNN-LM at its defaults) instead: nested datastores of the first "
+                            "--fractions of this token datastore's documents, cut from its stored keys")
     add_scoring_arguments(sweep)
     sweep.set_defaults(func=handles_errors(run_sweep))
     return commands
