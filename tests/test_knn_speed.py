@@ -323,6 +323,16 @@ def test_subset_keeps_the_first_documents_entries_with_their_keys_and_renumbered
     assert not (tmp_path / "bad-0").exists()
 
 
+def test_keys_computed_in_another_dtype_than_the_served_one_are_named_with_the_fix():
+    from retriever.token_datastore import key_dtype_mismatch
+
+    manifest = {"name": "small", "build": {"key_dtype": "float32"}}
+    warning = key_dtype_mismatch(manifest, "bfloat16")
+    assert "float32" in warning and "bfloat16" in warning and "--key-dtype auto" in warning
+    assert key_dtype_mismatch(manifest, "float32") is None
+    assert key_dtype_mismatch({"name": "old", "build": {}}, "bfloat16") is None  # built before the record
+
+
 def test_reduce_tool_reindexes_token_keys_with_pca_and_keeps_every_entry(tmp_path):
     """`datastore reduce` of a token datastore: same values, pointers and documents; the index is
     PCA + the source factory over the source's own keys, searched with full-size queries."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artefacts import checkpoint
+from retriever.token_datastore import key_dtype_mismatch
 from server.config import EngineConfig
 from server.knn.settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACKER, KnnRequestSettings
 
@@ -98,6 +99,9 @@ class Engine:
             handle, knn_stats_file = tempfile.mkstemp(prefix="retroserve-knn-stats-", suffix=".json")
             os.close(handle)
             token_datastore, hf_overrides = open_token_datastore(config, stats_file=knn_stats_file)
+            mismatch = key_dtype_mismatch(token_datastore.manifest, dtype)
+            if mismatch:
+                log.warning(mismatch)
             # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
             # are token-mode requests (server/knn/model.py); V2 (CUDA) uses the model's ModelState.
             knn_args = {"hf_overrides": hf_overrides}
