@@ -189,7 +189,7 @@ def subset_token_datastore(source: str | Path, output: str | Path, documents: in
     if not 1 <= documents <= len(store.docs):
         raise DatastoreToolError(f"{source} has {len(store.docs)} documents; a subset of {documents} is not possible")
     keys, keys_from = read_keys(store.index)
-    keep = np.flatnonzero(np.asarray(store.doc_ids) < documents)
+    keep = np.flatnonzero(store.doc_ids < documents)
     new_id = np.full(store.ntotal, -1, dtype=np.int64)
     new_id[keep] = np.arange(len(keep))
     following = np.asarray(store.next_ids, dtype=np.int64)[keep]
@@ -197,7 +197,7 @@ def subset_token_datastore(source: str | Path, output: str | Path, documents: in
     manifest = publish_token_entries(
         store, output, keys, keep, factory=index or store.manifest["index"]["factory"],
         pca=(store.manifest.get("pca") or {}).get("dim"),
-        counts=None if store.counts is None else np.asarray(store.counts)[keep], next_ids=next_ids, force=force,
+        counts=None if store.counts is None else store.counts[keep], next_ids=next_ids, force=force,
         seconds={}, docs=list(store.docs[:documents]),
         note={"subset": {"source": str(source), "documents": documents, "keys": keys_from}})
     log.info("token subset %s -> %s: %d of %d documents, %d entries", source, output, documents, len(store.docs),

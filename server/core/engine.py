@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artefacts import checkpoint
-from retriever.token_datastore import key_dtype_mismatch
 from server.config import EngineConfig
 from server.knn.settings import HF_CONFIG_KEY, KNN_ARCHITECTURE, KNN_BATCH_TRACKER, KnnRequestSettings
 
@@ -98,10 +97,7 @@ class Engine:
         if config.token_datastore is not None:
             handle, knn_stats_file = tempfile.mkstemp(prefix="retroserve-knn-stats-", suffix=".json")
             os.close(handle)
-            token_datastore, hf_overrides = open_token_datastore(config, stats_file=knn_stats_file)
-            mismatch = key_dtype_mismatch(token_datastore.manifest, dtype)
-            if mismatch:
-                log.warning(mismatch)
+            token_datastore, hf_overrides = open_token_datastore(config, stats_file=knn_stats_file, served_dtype=dtype)
             # V1 model runner (the CPU's): the tracker tells the kNN model class which batch rows
             # are token-mode requests (server/knn/model.py); V2 (CUDA) uses the model's ModelState.
             knn_args = {"hf_overrides": hf_overrides}
@@ -245,14 +241,15 @@ class Engine:
             Path(f"{self.knn_stats_file}.tmp").unlink(missing_ok=True)
 
 
-def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
+def open_token_datastore(config: EngineConfig, stats_file: str | None = None, served_dtype: str | None = None):
     """(TokenDatastore, hf_overrides) for an engine serving `config.token_datastore`.
 
     Opened here first, in the server process, so a datastore of another model is refused before
-    vLLM starts (with the rebuild command); the engine process opens it again for searching.
+    vLLM starts (with the rebuild command), and one whose keys were computed in another dtype than
+    `served_dtype` is named in a WARNING; the engine process opens it again for searching.
     """
     from retriever import fingerprints
-    from retriever.token_datastore import TokenDatastore
+    from retriever.token_datastore import TokenDatastore, key_dtype_mismatch
     from server.knn import plugin as knn_plugin
 
     model_dir = Path(config.model_dir)
@@ -265,6 +262,9 @@ def open_token_datastore(config: EngineConfig, stats_file: str | None = None):
         expected_tokenizer_fingerprint=fingerprints.tokenizer_fingerprint(model_dir),
         device="cpu",
     )
+    mismatch = served_dtype and key_dtype_mismatch(datastore.manifest, served_dtype)
+    if mismatch:
+        log.warning(mismatch)
     knn_plugin.ensure_registered_via_entry_point()
     settings = {"datastore": str(Path(config.token_datastore).resolve()), "model_fingerprint": model_fp,
                 "pointer_pool": config.knn_pointer_pool, "pointer_radius": config.knn_pointer_radius,

@@ -443,6 +443,8 @@ async def token_sweep(args, model_dir: Path, documents) -> tuple[list[dict], lis
     states for the whole corpus takes hours on a small CPU; cutting takes seconds). Each size is
     served by an engine of its own (the token datastore is part of the engine)."""
     from datastore_tools.token_prune import subset_token_datastore
+    from retriever.datastore import read_manifest
+    from retriever.format import MANIFEST
     from retriever.token_datastore import DOCS_FILE
     from server.evaluation.scoring import EvalSettings
 
@@ -454,10 +456,10 @@ async def token_sweep(args, model_dir: Path, documents) -> tuple[list[dict], lis
     for fraction in sorted(args.fractions):
         count = max(1, round(total * fraction))
         datastore_dir = args.output_dir / "token-datastores" / f"fraction-{fraction:g}"
-        if not (datastore_dir / "manifest.json").is_file():
+        if not (datastore_dir / MANIFEST).is_file():
             await loop.run_in_executor(None, functools.partial(
                 subset_token_datastore, source, datastore_dir, count, index=args.index))
-        entries = json.loads((datastore_dir / "manifest.json").read_text())["counts"]["entries"]
+        entries = read_manifest(datastore_dir)["counts"]["entries"]
         grid = ([] if references else [EvalSettings(mode="none")]) + [EvalSettings(mode="token")]
         scored = await with_engine(model_dir, args, None, lambda e: score_grid(e, documents, grid, None, args),
                                    token_datastore=datastore_dir)
